@@ -1,0 +1,7 @@
+"""Dashboards a closed window is sent to: one sink per file, each isolated from the others' faults.
+
+- :mod:`moe_monitor.sinks.scalars`: the scalar key scheme, sent through every Lightning logger.
+- :mod:`moe_monitor.sinks.tensorboard`: expert-load histograms, heatmaps, custom-scalars layout, alert text.
+- :mod:`moe_monitor.sinks.wandb`: the same views for Weights & Biases, plus alerts and a final table.
+- :mod:`moe_monitor.sinks.images`: the layer x expert heatmap both rich sinks draw.
+"""

@@ -1,0 +1,61 @@
+"""What every sink shares: a window-sized interface and fault isolation that warns once per failing call.
+
+A dashboard that fails (full disk, lost connection, missing optional package) must never stop the training run
+it watches, so every call a sink makes to the outside goes through :meth:`Sink.guard`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from moe_monitor.snapshot import Snapshot
+
+
+class Sink:
+    """Base class of a dashboard sink; subclasses override the hooks they need.
+
+    Example:
+        >>> class Broken(Sink):
+        ...     name = "broken"
+        ...     def log_window(self, snapshot, metrics, events):
+        ...         self.guard("log", lambda: 1 / 0)
+        >>> import warnings
+        >>> sink = Broken()
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     sink.log_window(None, {}, []); sink.log_window(None, {}, [])
+        >>> len(caught), sink.failures
+        (1, 2)
+    """
+
+    name = "sink"
+
+    def __init__(self) -> None:
+        self._warned: set[str] = set()
+        self.failures = 0
+
+    def guard(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Runs ``fn(*args, **kwargs)``; on any error warns once per ``what`` and returns ``None``."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # a dashboard fault must never reach the training loop
+            self.failures += 1
+            if what not in self._warned:
+                self._warned.add(what)
+                rank_zero_warn(
+                    f"MoEMonitor: the {self.name} sink failed to {what} ({type(err).__name__}: {err}). Training goes"
+                    " on and the history stays in memory (`MoEMonitor.monitor.layer_frame()`); further failures of"
+                    " this kind are not reported.",
+                    category=RuntimeWarning,
+                )
+            return None
+
+    def log_window(self, snapshot: Snapshot, metrics: dict[str, float], events: Sequence[Any]) -> None:
+        """Sends one closed window: its snapshot, its scalar metrics and the events it raised."""
+
+    def finish(self, layer_frame: pd.DataFrame, event_frame: pd.DataFrame) -> None:
+        """Writes end-of-run views and flushes; called once when fitting ends."""

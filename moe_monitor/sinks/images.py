@@ -1,0 +1,65 @@
+"""The layer x expert load heatmap that the TensorBoard and W&B sinks show each window.
+
+Shape legend: ``L`` layers, ``E`` experts, ``H``/``W`` image height/width in pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def heatmap_image(loads_LE: torch.Tensor, num_experts: Sequence[int], labels: Sequence[str], title: str) -> np.ndarray:
+    """Draws each layer's expert loads as one row of a heatmap, with axes and a colour bar.
+
+    The colour scale runs from 0 to twice the balanced load ``1 / E``, so a balanced layer is one flat mid colour,
+    a dead expert is dark and a hot expert saturates. Columns beyond a layer's own ``num_experts`` are blank.
+
+    Args:
+        loads_LE: ``[L, E]`` share of each layer's assignments per expert.
+        num_experts: experts of each layer.
+        labels: row labels, e.g. ``["L00", "L01"]``.
+        title: figure title.
+
+    Returns:
+        ``uint8 [H, W, 3]`` RGB image.
+
+    Raises:
+        ModuleNotFoundError: matplotlib is not installed; the message names the extra to install.
+
+    Example:
+        >>> image_HW3 = heatmap_image(torch.tensor([[0.5, 0.5], [1.0, 0.0]]), [2, 2], ["L00", "L01"], "load")
+        >>> image_HW3.dtype, image_HW3.ndim, image_HW3.shape[2]
+        (dtype('uint8'), 3, 3)
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            'Expert-load heatmaps need matplotlib: pip install "moe-monitor[plots]" (scalars and histograms are'
+            " logged without it)."
+        ) from err
+
+    loads_LE = loads_LE.double().clone()
+    num_layers, width = loads_LE.shape
+    for layer, experts in enumerate(num_experts):
+        loads_LE[layer, experts:] = float("nan")
+    vmax = 2.0 / max(1, max(num_experts))
+
+    # A Figure without pyplot keeps no global state and is safe off the main thread.
+    fig = Figure(figsize=(1.6 + 0.28 * width, 1.0 + 0.28 * num_layers), dpi=80)
+    ax = fig.add_subplot()
+    image = ax.imshow(loads_LE.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_yticks(range(num_layers), labels)
+    step_x = max(1, width // 16)
+    ax.set_xticks(range(0, width, step_x))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="load")
+    fig.tight_layout()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
