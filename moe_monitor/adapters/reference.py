@@ -1,0 +1,62 @@
+"""The reference model's router (``moe_monitor.reference.router.Router``).
+
+Shape legend: ``T`` tokens in one forward, ``E`` experts, ``A`` assignments.
+
+Its forward returns a ``RouterOutput`` named tuple that already is, field for field, a :class:`Routing`:
+``logits_TE`` and ``probs_TE`` (fp32), ``token_idx_A``/``expert_idx_A`` (int64), ``kept_A`` (``False`` = dropped for
+capacity). The router is matched by class name and module so that this adapter never imports the reference model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from moe_monitor.adapters import RouterLayer
+from moe_monitor.routing import Routing
+
+_CLASS = ("moe_monitor.reference.router", "Router")
+
+
+def is_reference_router(module: nn.Module) -> bool:
+    """Whether ``module`` is the reference model's router.
+
+    Example:
+        >>> is_reference_router(nn.Linear(2, 2))
+        False
+    """
+    return (type(module).__module__, type(module).__name__) == _CLASS
+
+
+def extract(module: nn.Module, args: tuple, output: Any) -> Routing:
+    """Maps a ``RouterOutput`` to a :class:`Routing`."""
+    # The reference router reports kept_A all True when dropless; None tells the counters there is no capacity.
+    kept_A = None if getattr(module, "capacity_factor", None) is None else output.kept_A
+    return Routing(
+        token_idx_A=output.token_idx_A,
+        expert_idx_A=output.expert_idx_A,
+        num_tokens=output.logits_TE.shape[0],
+        logits_TE=output.logits_TE,
+        probs_TE=output.probs_TE,
+        kept_A=kept_A,
+    )
+
+
+def describe(name: str, module: nn.Module) -> RouterLayer | None:
+    """The :class:`RouterLayer` of a reference router, else ``None``."""
+    if not is_reference_router(module):
+        return None
+    kind = getattr(module, "kind", "token_choice")
+    dropless = getattr(module, "capacity_factor", None) is None
+    return RouterLayer(name, module, int(module.n_experts), int(module.top_k), extract, kind, dropless, "reference")
+
+
+def discover(model: nn.Module) -> list[RouterLayer]:
+    """Every reference router in ``model``, in model order.
+
+    Example:
+        >>> discover(nn.Linear(2, 2))
+        []
+    """
+    return [layer for name, module in model.named_modules() if (layer := describe(name, module)) is not None]

@@ -1,0 +1,157 @@
+"""On-device window counters: what each router forward adds, packed so one collective reduces every layer.
+
+Shape legend: ``L`` monitored layers, ``E`` experts (the largest of any layer), ``T`` tokens in one forward,
+``A`` assignments in one forward, ``F`` packed fields per layer, ``C`` counterfactual capacity factors.
+
+Per phase there is one ``float64 [L, F]`` buffer on the routers' device (float64 counts are exact to 2**53). One row
+per layer, laid out by :class:`Layout`: ``counts [E] | prob_sum [E] | coactivation [E*E] (optional) | scalars``.
+A forward adds one row vector built by :func:`forward_update`; nothing here ever reads a value back to the host.
+``torch.bincount`` is avoided on purpose: on CUDA it reads the input's max to size its output (a host sync) even
+when ``minlength`` is given; ``index_add_`` into a fixed-size buffer does not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from moe_monitor.routing import Routing
+
+# Per-layer scalar fields, after the per-expert blocks.
+SCALARS: tuple[str, ...] = (
+    "tokens",  # routed tokens, padding and non-finite tokens excluded
+    "nonfinite_tokens",  # non-padding tokens whose router logits had a NaN/Inf
+    "prob_tokens",  # tokens whose router probabilities were known
+    "logit_tokens",  # tokens whose router logits were known
+    "z_sum",  # sum of logsumexp(logits)**2
+    "entropy_sum",  # sum of normalised router entropies
+    "top1_sum",  # sum of largest router probabilities
+    "dropped",  # assignments dropped for capacity
+    "cf_assignments",  # assignments of the forwards where the counterfactual drop was evaluated
+)
+
+
+class Layout:
+    """Column layout of the packed ``[L, F]`` window buffer.
+
+    Example:
+        >>> layout = Layout(num_experts=4, coactivation=True, capacity_factors=(1.0, 1.25))
+        >>> layout.width, layout.scalar("tokens")
+        (35, 24)
+    """
+
+    def __init__(self, num_experts: int, coactivation: bool, capacity_factors: Sequence[float]) -> None:
+        e = num_experts
+        self.num_experts = e
+        self.coactivation = coactivation
+        self.capacity_factors = tuple(float(cf) for cf in capacity_factors)
+        self.counts = slice(0, e)
+        self.prob_sum = slice(e, 2 * e)
+        self.coact = slice(2 * e, 2 * e + (e * e if coactivation else 0))
+        self._scalar0 = self.coact.stop
+        names = SCALARS + tuple(f"cf_dropped@{float(cf)!r}" for cf in self.capacity_factors)
+        self._scalar_index = {name: self._scalar0 + i for i, name in enumerate(names)}
+        self.width = self._scalar0 + len(names)
+
+    def scalar(self, name: str) -> int:
+        """Column of a scalar field (see :data:`SCALARS`, plus ``cf_dropped@<cf>``)."""
+        return self._scalar_index[name]
+
+
+def forward_update(
+    routing: Routing,
+    num_experts: int,
+    top_k: int,
+    layout: Layout,
+    mask_T: torch.Tensor | None = None,
+    coactivation: bool = False,
+    counterfactual: bool = False,
+) -> torch.Tensor:
+    """What one router forward adds to its layer's row of the window buffer: ``float64 [F]``, on the router's device.
+
+    Runs inside a forward hook, so it only launches device work: no value is read back to the host, and no
+    Python branch depends on a tensor value (only on shapes, dtypes and which fields the router provides).
+
+    Args:
+        routing: the forward's routing decisions.
+        num_experts: ``E`` of this layer (``<= layout.num_experts``).
+        top_k: ``k`` of this layer (for the counterfactual capacity).
+        layout: the buffer layout.
+        mask_T: ``[T]`` 1 for real tokens, 0 for padding; ``None`` counts every token.
+        coactivation: add the ``[E, E]`` co-selection counts.
+        counterfactual: evaluate the drop a capacity ``ceil(T / E * k * cf)`` would cause (dropless routers).
+
+    Example:
+        >>> layout = Layout(num_experts=3, coactivation=False, capacity_factors=())
+        >>> update = forward_update(Routing.from_topk(torch.tensor([[0], [2], [2]])), 3, 1, layout)
+        >>> update[layout.counts].tolist(), update[layout.scalar("tokens")].item()
+        ([1.0, 0.0, 2.0], 3.0)
+    """
+    e, width = num_experts, layout.num_experts
+    device = routing.expert_idx_A.device
+    num_tokens = routing.num_tokens
+    scalars = dict.fromkeys(SCALARS)
+
+    valid_T = torch.ones(num_tokens, device=device) if mask_T is None else mask_T.to(device, torch.float32)
+    logits_TE = None if routing.logits_TE is None else routing.logits_TE.detach().reshape(num_tokens, -1).float()
+    probs_TE = None if routing.probs_TE is None else routing.probs_TE.detach().reshape(num_tokens, -1).float()
+    if probs_TE is None and logits_TE is not None:
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+
+    prob_sum_E = None
+    if probs_TE is not None:
+        # A token with any NaN/Inf logit (or probability) is counted apart and masked out of every statistic;
+        # torch.where (not a multiply) so that NaN * 0 does not leak into the sums.
+        finite_T = probs_TE.isfinite().all(dim=-1)
+        if logits_TE is not None:
+            finite_T = finite_T & logits_TE.isfinite().all(dim=-1)
+        scalars["nonfinite_tokens"] = (valid_T * ~finite_T).sum()
+        valid_T = valid_T * finite_T
+        probs_TE = torch.where(finite_T[:, None], probs_TE, 0.0)
+        entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1)
+        entropy_T = entropy_T / math.log(e) if e > 1 else entropy_T * 0.0
+        columns_TC = [probs_TE, torch.ones_like(entropy_T)[:, None], entropy_T[:, None], probs_TE.amax(dim=-1)[:, None]]
+        if logits_TE is not None:
+            logits_TE = torch.where(finite_T[:, None], logits_TE, 0.0)
+            columns_TC.append(torch.logsumexp(logits_TE, dim=-1).square()[:, None])
+        # One matrix-vector product gives every per-token sum at once.
+        sums_C = valid_T @ torch.cat(columns_TC, dim=1)
+        prob_sum_E = sums_C[:e]
+        scalars["prob_tokens"], scalars["entropy_sum"], scalars["top1_sum"] = sums_C[e], sums_C[e + 1], sums_C[e + 2]
+        if logits_TE is not None:
+            scalars["logit_tokens"], scalars["z_sum"] = sums_C[e], sums_C[e + 3]
+
+    weight_A = valid_T.index_select(0, routing.token_idx_A)
+    expert_idx_A = routing.expert_idx_A
+    counts_E = torch.zeros(e, device=device).index_add_(0, expert_idx_A, weight_A)
+    tokens = valid_T.sum()
+    scalars["tokens"] = tokens
+    if routing.kept_A is not None:
+        scalars["dropped"] = (weight_A * ~routing.kept_A.reshape(-1)).sum()
+
+    parts = [_pad(counts_E, width), _pad(prob_sum_E, width) if prob_sum_E is not None else counts_E.new_zeros(width)]
+    if layout.coactivation:
+        coact = counts_E.new_zeros(width, width)
+        if coactivation:
+            dispatch_TE = torch.zeros(num_tokens, e, device=device)
+            dispatch_TE.index_put_((routing.token_idx_A, expert_idx_A), weight_A, accumulate=True)
+            coact[:e, :e] = dispatch_TE.T @ dispatch_TE
+        parts.append(coact.reshape(-1))
+
+    cf_dropped = []
+    if counterfactual:
+        scalars["cf_assignments"] = counts_E.sum()
+        for cf in layout.capacity_factors:
+            capacity = torch.ceil(tokens * (top_k * cf / e))
+            cf_dropped.append((counts_E - capacity).clamp_min(0).sum())
+    zero = counts_E.new_zeros(())
+    scalar_values = [zero if v is None else v for v in scalars.values()]
+    scalar_values += cf_dropped or [zero] * len(layout.capacity_factors)
+    parts.append(torch.stack(scalar_values))
+    return torch.cat(parts).double()
+
+
+def _pad(values_E: torch.Tensor, width: int) -> torch.Tensor:
+    return values_E if values_E.shape[0] == width else torch.nn.functional.pad(values_E, (0, width - values_E.shape[0]))

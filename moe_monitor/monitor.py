@@ -1,0 +1,455 @@
+"""RouterMonitor: hooks on every router, on-device window counters, one reduction per ``collect``.
+
+Shape legend: ``L`` monitored router layers, ``E`` experts (largest of any layer), ``F`` packed fields per layer
+(see :class:`moe_monitor.counters.Layout`), ``T`` tokens in one forward.
+
+Data path: router forward -> adapter ``extract`` -> :class:`~moe_monitor.routing.Routing` ->
+:func:`~moe_monitor.counters.forward_update` -> ``window[phase][device] [L, F]`` (float64, on the routers' device)
+-> ``collect``: sum over devices, one ``all_reduce``, one host copy -> :func:`moe_monitor.stats.compute` ->
+:class:`~moe_monitor.snapshot.Snapshot` + history rows -> ``layer_frame()`` / ``expert_frame()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_monitor import stats
+from moe_monitor.adapters import NoRoutersFoundError, RouterLayer, RouterSpec, discover
+from moe_monitor.counters import Layout, forward_update
+from moe_monitor.snapshot import STAT_NAMES, Snapshot
+
+__all__ = ["RouterMonitor", "NoRoutersFoundError", "RouterSpec", "LAYER_COLUMNS", "EXPERT_COLUMNS"]
+
+LAYER_COLUMNS: tuple[str, ...] = (
+    "step",
+    "phase",
+    "layer",
+    "layer_name",
+    "num_experts",
+    "top_k",
+    "tokens",
+    "assignments",
+    "dropped",
+    *STAT_NAMES,
+    "nonfinite_tokens",
+)
+"""Columns of :meth:`RouterMonitor.layer_frame`, followed by one ``counterfactual_drop@<cf>`` per capacity factor."""
+
+EXPERT_COLUMNS: tuple[str, ...] = ("step", "phase", "layer", "layer_name", "expert", "count", "load")
+"""Columns of :meth:`RouterMonitor.expert_frame`."""
+
+_STATE_VERSION = 1
+
+
+def _in_backward() -> bool:
+    # Activation checkpointing re-runs forwards inside the autograd engine during backward (both the reentrant
+    # and the non-reentrant implementation); a real forward never runs inside a graph task.
+    return torch._C._current_graph_task_id() != -1
+
+
+class RouterMonitor:
+    """Counts what every MoE router of a model does, on the device, and turns each window into statistics.
+
+    Forward hooks add each router forward's routing decisions to on-device window counters without any host
+    synchronisation; :meth:`collect` closes a window (one ``all_reduce`` for all layers when ``torch.distributed``
+    is initialised, one host copy), computes the SPEC §3 statistics and appends them to the history.
+
+    Phases: a router forward in ``training`` mode counts to phase ``"train"``, one in eval mode to ``"val"``;
+    ``with monitor.phase("test"):`` overrides both. Each phase has its own window, so validation never mixes
+    into training counts, and ``collect(step, phase)`` closes only that phase's window.
+
+    Not counted: forwards re-run by activation checkpointing during backward, and tokens excluded by
+    :meth:`set_token_mask`. Micro-batches of gradient accumulation add up in the window.
+
+    Failure policy: routers and their shapes are checked at construction (setup errors raise). If an extraction
+    function raises inside a hook, the monitor warns once and stops monitoring that layer (its rows are NaN from
+    then on) rather than killing the training step.
+
+    Distributed: every process must call :meth:`collect` for the same phases in the same order (it is a collective).
+
+    Args:
+        model: the model to watch.
+        routers: optional manual registration: module names, modules and/or
+            :class:`~moe_monitor.adapters.RouterSpec`; when given, only these are monitored.
+        coactivation: count, for routers with ``top_k >= 2``, how often two experts are chosen for the same token
+            (``Snapshot.extras["coactivation"]``, ``[L, E, E]``).
+        capacity_factors: capacity factors of the counterfactual drop rate of dropless routers.
+
+    Raises:
+        NoRoutersFoundError: the model has no recognisable router; the message says how to register one.
+
+    Example:
+        >>> from moe_monitor.adapters import RouterSpec
+        >>> gate = nn.Linear(8, 4, bias=False)
+        >>> model = nn.Sequential(gate)
+        >>> with RouterMonitor(model, routers=[RouterSpec(name="0", top_k=2)]) as monitor:
+        ...     _ = model(torch.randn(16, 8))
+        ...     snap = monitor.collect(step=1)
+        >>> snap.counts.sum().item(), snap.tokens.tolist()
+        (32, [16])
+        >>> row = monitor.layer_frame().iloc[0]
+        >>> int(row.step), row.phase, row.layer_name, int(row.assignments)
+        (1, 'train', '0', 32)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        routers: Sequence[str | nn.Module | RouterSpec] | None = None,
+        *,
+        coactivation: bool = True,
+        capacity_factors: Sequence[float] = (1.0, 1.25),
+    ) -> None:
+        if any(not (isinstance(cf, (int, float)) and cf > 0) for cf in capacity_factors):
+            raise ValueError(f"capacity_factors must be positive numbers, got {capacity_factors!r}")
+        self.layers: list[RouterLayer] = discover(model, routers)
+        self._coactivation = [coactivation and layer.top_k >= 2 for layer in self.layers]
+        self.layout = Layout(max(layer.num_experts for layer in self.layers), any(self._coactivation), capacity_factors)
+        self._windows: dict[str, dict[torch.device, torch.Tensor]] = {}
+        self._phase_override: str | None = None
+        self._mask_T: torch.Tensor | None = None
+        self._mask_by_device: dict[torch.device, torch.Tensor] = {}
+        self._mask_mismatch_warned = False
+        self._disabled: set[int] = set()
+        self._history: list[dict[str, Any]] = []
+        self._handles = [layer.module.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(self.layers)]
+
+    # ----------------------------------------------------------------------------------------------- hot path
+    def _make_hook(self, index: int):
+        layer = self.layers[index]
+        counterfactual = bool(self.layout.capacity_factors)
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if index in self._disabled or _in_backward():
+                return
+            phase = self._phase_override or ("train" if module.training else "val")
+            try:
+                with torch.no_grad():
+                    routing = layer.extract(module, args, output)
+                    update_F = forward_update(
+                        routing,
+                        layer.num_experts,
+                        layer.top_k,
+                        self.layout,
+                        mask_T=self._mask_for(routing.num_tokens, routing.expert_idx_A.device),
+                        coactivation=self._coactivation[index],
+                        # Read per forward: the reference router's kind and capacity may be changed between steps.
+                        counterfactual=counterfactual
+                        and routing.kept_A is None
+                        and getattr(module, "kind", layer.kind) == "token_choice",
+                    )
+                    self._buffer(phase, update_F.device)[index].add_(update_F)
+            except Exception as error:  # noqa: BLE001 - the monitor must never kill the step it watches
+                self._disabled.add(index)
+                warnings.warn(
+                    f"moe_monitor: reading router {layer.name!r} failed ({type(error).__name__}: {error}); "
+                    "this layer is no longer monitored (its statistics are NaN from now on)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+        return hook
+
+    def _buffer(self, phase: str, device: torch.device) -> torch.Tensor:
+        window = self._windows.setdefault(phase, {})
+        buffer = window.get(device)
+        if buffer is None:
+            buffer = window[device] = torch.zeros(
+                len(self.layers), self.layout.width, dtype=torch.float64, device=device
+            )
+        return buffer
+
+    def _mask_for(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        mask_T = self._mask_T
+        if mask_T is None:
+            return None
+        if mask_T.numel() != num_tokens:
+            # E.g. the decoder of an encoder-decoder model, whose tokens the encoder's mask does not describe.
+            if not self._mask_mismatch_warned:
+                self._mask_mismatch_warned = True
+                warnings.warn(
+                    f"moe_monitor: token mask has {mask_T.numel()} entries but a router saw {num_tokens} tokens; "
+                    "such forwards are counted without the mask",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return None
+        cached = self._mask_by_device.get(device)
+        if cached is None:
+            cached = self._mask_by_device[device] = mask_T.to(device, non_blocking=True)
+        return cached
+
+    # ------------------------------------------------------------------------------------------- controls
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Sets which tokens of the next forwards count (``None``: all of them), until changed.
+
+        Args:
+            mask: bool or 0/1 tensor whose flattening lines up with a router's flattened tokens, e.g. the
+                ``attention_mask [B, S]`` of the batch (routers see ``B * S`` tokens). Put it on the model's
+                device: a CPU mask is copied to the device at the first forward. A forward whose token count
+                differs from ``mask.numel()`` is counted unmasked (with one warning).
+
+        Example:
+            >>> monitor = RouterMonitor(nn.Sequential(nn.Linear(4, 2)), routers=[RouterSpec(name="0", top_k=1)])
+            >>> monitor.set_token_mask(torch.tensor([[1, 1, 0]]))
+            >>> _ = monitor.layers[0].module(torch.randn(3, 4))
+            >>> monitor.collect(0).tokens.tolist()
+            [2]
+        """
+        self._mask_by_device = {}
+        self._mask_T = None if mask is None else mask.detach().reshape(-1).to(dtype=torch.float32)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Counts every router forward inside the block to phase ``name`` (overrides the train/val default).
+
+        Example:
+            >>> monitor = RouterMonitor(nn.Sequential(nn.Linear(4, 2)), routers=[RouterSpec(name="0", top_k=1)])
+            >>> with monitor.phase("test"):
+            ...     _ = monitor.layers[0].module(torch.randn(3, 4))
+            >>> monitor.collect(0, "test").tokens.tolist(), monitor.collect(0, "train").tokens.tolist()
+            ([3], [0])
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"phase name must be a non-empty string, got {name!r}")
+        previous, self._phase_override = self._phase_override, name
+        try:
+            yield
+        finally:
+            self._phase_override = previous
+
+    def window_counts(self, phase: str = "train") -> torch.Tensor:
+        """Assignments per expert of the open window, ``float64 [L, E]``, on the routers' device, no host sync.
+
+        Local to this process and not reduced (for per-step controllers that act on local counts). With all
+        routers on one device this is a live view of the counters: it is reset to zero by :meth:`collect`.
+
+        Example:
+            >>> monitor = RouterMonitor(nn.Sequential(nn.Linear(4, 2)), routers=[RouterSpec(name="0", top_k=1)])
+            >>> _ = monitor.layers[0].module(torch.randn(3, 4))
+            >>> monitor.window_counts().sum().item()
+            3.0
+        """
+        window = self._windows.get(phase)
+        if not window:
+            return self._buffer(phase, self._home_device())[:, self.layout.counts]
+        buffers = list(window.values())
+        if len(buffers) == 1:
+            return buffers[0][:, self.layout.counts]
+        total = buffers[0][:, self.layout.counts].clone()
+        for buffer in buffers[1:]:
+            total += buffer[:, self.layout.counts].to(total.device, non_blocking=True)
+        return total
+
+    def _home_device(self) -> torch.device:
+        module = self.layers[0].module
+        tensor = next(module.parameters(), None)
+        if tensor is None:
+            tensor = next(module.buffers(), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------------------------------- collect
+    def _reduce(self, phase: str) -> torch.Tensor:
+        """Sums the phase's window over devices and processes and resets it: ``float64 [L, F]`` on the CPU."""
+        buffers = list(self._windows.get(phase, {}).values())
+        if buffers:
+            total = buffers[0] if len(buffers) == 1 else torch.stack([b.to(buffers[0].device) for b in buffers]).sum(0)
+        else:
+            total = torch.zeros(len(self.layers), self.layout.width, dtype=torch.float64, device=self._home_device())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "nccl" and total.device.type != "cuda":
+                total = total.to(torch.device("cuda", torch.cuda.current_device()))
+            torch.distributed.all_reduce(total)
+        host_LF = total.to("cpu", copy=True)
+        for buffer in buffers:
+            buffer.zero_()
+        return host_LF
+
+    def collect(self, step: int, phase: str = "train") -> Snapshot:
+        """Closes ``phase``'s window: reduces it, computes the statistics, appends them to the history, resets it.
+
+        A collective when ``torch.distributed`` is initialised: every process must call it. Layers disabled
+        after an extraction error and windows with no tokens give NaN statistics.
+
+        Args:
+            step: the step number recorded with the window.
+            phase: which window to close (``"train"``, ``"val"`` or a name given to :meth:`phase`).
+
+        Returns:
+            The window's :class:`~moe_monitor.snapshot.Snapshot` (CPU tensors).
+        """
+        layout = self.layout
+        host_LF = self._reduce(phase)
+        num_experts_L = torch.tensor([layer.num_experts for layer in self.layers])
+        column = {name: host_LF[:, layout.scalar(name)] for name in layout._scalar_index}
+        counts_LE = host_LF[:, layout.counts]
+        disabled_L = torch.tensor([i in self._disabled for i in range(len(self.layers))])
+        stat_values = stats.compute(
+            counts_LE,
+            host_LF[:, layout.prob_sum],
+            num_experts_L,
+            column["tokens"],
+            column["prob_tokens"],
+            column["logit_tokens"],
+            column["z_sum"],
+            column["entropy_sum"],
+            column["top1_sum"],
+            column["dropped"],
+        )
+        stat_values = {name: torch.where(disabled_L, math.nan, stat_values[name]) for name in STAT_NAMES}
+        extras: dict[str, torch.Tensor] = {"assignments": counts_LE.sum(dim=1)}
+        for cf in layout.capacity_factors:
+            dropped_L = column[f"cf_dropped@{float(cf)!r}"]
+            extras[f"counterfactual_drop@{float(cf)!r}"] = dropped_L / column["cf_assignments"]
+        if layout.coactivation:
+            e = layout.num_experts
+            coact_LEE = host_LF[:, layout.coact].reshape(-1, e, e).clone()
+            coact_LEE[~torch.tensor(self._coactivation)] = math.nan
+            extras["coactivation"] = coact_LEE
+        snapshot = Snapshot(
+            step=int(step),
+            phase=phase,
+            layer_names=[layer.name for layer in self.layers],
+            num_experts=[layer.num_experts for layer in self.layers],
+            top_k=[layer.top_k for layer in self.layers],
+            counts=counts_LE.round().long(),
+            tokens=column["tokens"].round().long(),
+            dropped=column["dropped"].round().long(),
+            nonfinite_tokens=column["nonfinite_tokens"].round().long(),
+            stats=stat_values,
+            extras=extras,
+        )
+        self._history.append(_record(snapshot))
+        return snapshot
+
+    # ------------------------------------------------------------------------------------------- history
+    def layer_frame(self):
+        """The history as a long-form ``pandas.DataFrame``, one row per (collect, layer).
+
+        Columns: :data:`LAYER_COLUMNS` (``layer`` is the index in :attr:`layers`, ``layer_name`` the module path),
+        then ``counterfactual_drop@<cf>`` per capacity factor (NaN for routers with a real capacity).
+        """
+        import pandas as pd
+
+        cf_columns = [f"counterfactual_drop@{float(cf)!r}" for cf in self.layout.capacity_factors]
+        rows = []
+        for record in self._history:
+            for i, name in enumerate(record["layer_names"]):
+                row = {
+                    "step": record["step"],
+                    "phase": record["phase"],
+                    "layer": i,
+                    "layer_name": name,
+                    "num_experts": record["num_experts"][i],
+                    "top_k": record["top_k"][i],
+                }
+                for key in ("tokens", "assignments", "dropped", *STAT_NAMES, "nonfinite_tokens", *cf_columns):
+                    row[key] = record["layer"][key][i]
+                rows.append(row)
+        frame = pd.DataFrame(rows, columns=[*LAYER_COLUMNS, *cf_columns])
+        return frame.astype({"step": "int64", "layer": "int64", "tokens": "int64", "assignments": "int64"})
+
+    def expert_frame(self):
+        """The history as a long-form ``pandas.DataFrame``, one row per (collect, layer, expert of that layer).
+
+        Columns: :data:`EXPERT_COLUMNS`; ``load = count / assignments`` of the layer (NaN for an empty window).
+        """
+        import pandas as pd
+
+        rows = []
+        for record in self._history:
+            for i, name in enumerate(record["layer_names"]):
+                counts = record["counts"][i][: record["num_experts"][i]]
+                total = sum(counts)
+                for expert, count in enumerate(counts):
+                    load = count / total if total else math.nan
+                    rows.append((record["step"], record["phase"], i, name, expert, count, load))
+        return pd.DataFrame(rows, columns=list(EXPERT_COLUMNS))
+
+    def save(self, path: str | os.PathLike) -> list[str]:
+        """Writes the history into directory ``path``: ``layers.csv``, ``experts.csv``, and ``.parquet`` twins
+        when pyarrow is installed. Returns the paths written.
+        """
+        os.makedirs(path, exist_ok=True)
+        written = []
+        frames = {"layers": self.layer_frame(), "experts": self.expert_frame()}
+        for stem, frame in frames.items():
+            csv_path = os.path.join(path, f"{stem}.csv")
+            frame.to_csv(csv_path, index=False)
+            written.append(csv_path)
+        try:
+            import pyarrow  # noqa: F401
+        except ModuleNotFoundError:
+            return written
+        for stem, frame in frames.items():
+            parquet_path = os.path.join(path, f"{stem}.parquet")
+            frame.to_parquet(parquet_path, index=False)
+            written.append(parquet_path)
+        return written
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history (plain Python lists, dicts, numbers and strings), for checkpointing."""
+        return {
+            "version": _STATE_VERSION,
+            "layer_names": [layer.name for layer in self.layers],
+            "history": list(self._history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the history saved by :meth:`state_dict` (the open windows are not part of it)."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"Unsupported RouterMonitor state version {state.get('version')!r}")
+        names = [layer.name for layer in self.layers]
+        if state["layer_names"] != names:
+            warnings.warn(
+                "moe_monitor: the restored history was recorded for other router layers "
+                f"({state['layer_names'][:3]}... vs {names[:3]}...)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._history = list(state["history"])
+
+    # ------------------------------------------------------------------------------------------- lifetime
+    def remove(self) -> None:
+        """Removes every hook (the history stays readable)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> RouterMonitor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"RouterMonitor({len(self.layers)} routers: {[layer.name for layer in self.layers][:4]}...)"
+
+
+def _record(snapshot: Snapshot) -> dict[str, Any]:
+    """A history entry: the snapshot as plain Python data."""
+    layer = {
+        "tokens": snapshot.tokens.tolist(),
+        "assignments": snapshot.counts.sum(dim=1).tolist(),
+        "dropped": snapshot.dropped.tolist(),
+        "nonfinite_tokens": snapshot.nonfinite_tokens.tolist(),
+    }
+    layer.update({name: value.tolist() for name, value in snapshot.stats.items()})
+    layer.update({name: value.tolist() for name, value in snapshot.extras.items() if value.dim() == 1})
+    return {
+        "step": snapshot.step,
+        "phase": snapshot.phase,
+        "layer_names": list(snapshot.layer_names),
+        "num_experts": list(snapshot.num_experts),
+        "top_k": list(snapshot.top_k),
+        "counts": snapshot.counts.tolist(),
+        "layer": layer,
+    }
