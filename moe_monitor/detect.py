@@ -1,0 +1,607 @@
+"""Collapse detection: turns a stream of window :class:`~moe_monitor.snapshot.Snapshot` objects into events.
+
+Shape legend: ``L`` monitored router layers, ``E`` experts (columns beyond a layer's own ``num_experts`` are
+padding and ignored).
+
+Every rule looks at one layer's statistics of one window and says *breach*, *healthy* or *no evidence* (an
+empty window, a statistic the router cannot provide, a window too small for the dead-expert test). An alert is
+raised after ``patience`` consecutive breaching windows and cleared after ``recovery`` consecutive healthy windows,
+where healthy is measured against a threshold moved ``hysteresis`` (relative) to the safe side, so a value that
+hovers at the threshold neither flaps nor floods the user. Windows without evidence leave the counts unchanged.
+Each phase (``"train"``, ``"val"``, ...) keeps its own state.
+
+The detector only reads the snapshot, which the monitor has already reduced across processes, and its state
+evolves deterministically from it, so every process raises the same events and takes the same decisions.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from moe_monitor.snapshot import STAT_NAMES, Snapshot
+
+SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
+KINDS: tuple[str, ...] = ("alert", "recovery", "control")
+
+# Rule names, in the order the detector evaluates them.
+RULES: tuple[str, ...] = (
+    "nonfinite_logits",
+    "load_entropy",
+    "max_violation",
+    "dead_experts",
+    "dropped_fraction",
+    "z_loss_spike",
+    "saturation",
+)
+
+_SEVERITY = {
+    "nonfinite_logits": "critical",
+    "load_entropy": "critical",
+    "max_violation": "warning",
+    "dead_experts": "warning",
+    "dropped_fraction": "warning",
+    "z_loss_spike": "warning",
+    "saturation": "warning",
+}
+
+_BREACH, _HEALTHY, _BETWEEN, _UNKNOWN = "breach", "healthy", "between", "unknown"
+
+
+@dataclass(frozen=True)
+class CollapseEvent:
+    """One thing worth telling the user: an alert, a recovery, or a change a controller made.
+
+    Attributes:
+        step: the step of the window (or of the controller's decision).
+        phase: the phase of the window (``"train"``, ``"val"``, ...).
+        layer: module path of the router layer.
+        rule: the detector rule (see :data:`RULES`) or, for ``kind="control"``, the knob that changed.
+        value: the statistic that crossed the threshold (for control events, the knob's new value).
+        threshold: the threshold it crossed (for control events, the knob's previous value).
+        severity: ``"info"``, ``"warning"`` or ``"critical"``.
+        message: one line for a human: layer, experts involved, value against threshold, what to try.
+        experts: experts involved (the overloaded ones, the dead ones, ...), possibly empty.
+        kind: ``"alert"``, ``"recovery"`` or ``"control"``.
+
+    Example:
+        >>> e = CollapseEvent(10, "train", "blocks.0.moe.router", "load_entropy", 0.2, 0.5, "critical", "...")
+        >>> e.kind, e.experts
+        ('alert', ())
+    """
+
+    step: int
+    phase: str
+    layer: str
+    rule: str
+    value: float
+    threshold: float
+    severity: str
+    message: str
+    experts: tuple[int, ...] = ()
+    kind: str = "alert"
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity={self.severity!r} is not valid; choose one of {', '.join(SEVERITIES)}.")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is not valid; choose one of {', '.join(KINDS)}.")
+
+
+EVENT_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CollapseEvent))
+
+
+@dataclass
+class _Verdict:
+    """One rule's reading of one layer in one window."""
+
+    status: str
+    value: float = math.nan
+    threshold: float = math.nan
+    experts: tuple[int, ...] = ()
+    detail: str = ""
+
+
+@dataclass
+class _RuleState:
+    breach_streak: int = 0
+    healthy_streak: int = 0
+    active: bool = False
+    since_step: int = -1
+
+
+def dead_expert_probability(num_experts: int, assignments: int) -> float:
+    """Probability that an expert with a fair share ``1 / E`` of the assignments receives none of them.
+
+    Each assignment lands on a given fair-share expert with probability ``1 / E``, so the chance of zero hits in
+    ``assignments`` independent draws is ``(1 - 1/E) ** assignments``. The dead-expert rule only judges windows
+    where this is below its ``dead_expert_p``, so an expert that is merely unlucky in a small window is not called
+    dead.
+
+    Example:
+        >>> round(dead_expert_probability(8, 50), 5)
+        0.00126
+        >>> dead_expert_probability(8, 104) < 1e-6
+        True
+        >>> dead_expert_probability(1, 10)
+        0.0
+    """
+    if num_experts <= 1:
+        return 0.0
+    return math.exp(assignments * math.log1p(-1.0 / num_experts))
+
+
+def _finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
+
+
+def _fmt_experts(experts: Sequence[int], loads: Sequence[float]) -> str:
+    return ", ".join(f"{e} ({loads[e]:.0%})" for e in experts)
+
+
+class CollapseDetector:
+    """Watches window statistics for router collapse and raises alerts with patience and recovery hysteresis.
+
+    Every threshold can be set to ``None`` to switch its rule off. The defaults aim at "no false alarm on a healthy
+    run, an alert within a few windows of a real collapse"; the reasons are in ``docs/detection.md`` and below.
+
+    Args:
+        min_load_entropy: alert when normalised load entropy falls below this. 1 is perfect balance; 0.6 means the
+            load is as concentrated as on about ``E**0.6`` equally used experts (3.5 of 8), far below what any
+            balanced or mildly imbalanced run shows (> 0.9), while a collapse onto one or two experts reads < 0.4.
+        max_violation: alert when MaxVio (``max(count) / mean(count) - 1``) exceeds this. 2.0 means the busiest
+            expert takes three times its fair share: with the common capacity factor 1.25 it would drop more than
+            half of its tokens. Healthy runs with an aux loss stay below 1.
+        dead_expert_p: the dead-experts rule judges a window only when an expert with a fair share would have
+            received no assignment with probability below this (see :func:`dead_expert_probability`); then any
+            expert with zero assignments is dead. 1e-6 over, say, 10 layers x 1000 windows still gives a
+            false-alarm chance of about 1 % for a whole run, and it takes only 104 assignments for 8 experts.
+        max_dropped_fraction: alert when more than this fraction of assignments is dropped for capacity. 0.1:
+            capacity factors of 1.0-1.25 drop a few percent on a balanced router; beyond 10 % a sizeable part of
+            the batch skips its MLP and the loss suffers.
+        nonfinite: alert immediately (no patience) on any token with NaN/Inf router logits; a diverging router
+            does not get better by waiting.
+        z_loss_spike: alert when the router z-loss exceeds this multiple of its running median over the last
+            ``z_loss_history`` windows of the same layer and phase. 3.0: z-loss drifts slowly as logits grow;
+            tripling within a few windows means the logits are running away, the usual precursor of divergence.
+        z_loss_history: windows in the running median; the rule waits for at least ``max(4, z_loss_history//4)``.
+        saturation_confidence: with ``saturation_load_entropy``, alert when the mean top-1 router probability is at
+            least this *and* the load entropy is below ``saturation_load_entropy``: the softmax is nearly one-hot
+            on few experts, so its gradient vanishes and the collapse locks in. 0.9: healthy top-2 routers of
+            8 experts sit around 0.2-0.6.
+        saturation_load_entropy: see ``saturation_confidence``; 0.8 so that saturation shows before the load
+            entropy alert does.
+        patience: consecutive breaching windows before an alert. 3: one bad window (a skewed batch, a warm-up
+            spike) never alerts, and at the usual 50-step log interval the user hears within 150 steps.
+        recovery: consecutive healthy windows before a recovery event clears the alert. 3, for the same reason.
+        hysteresis: relative margin between the alert threshold and the healthy threshold, e.g. MaxVio must fall
+            to ``2.0 * (1 - 0.1) = 1.8`` and entropy rise to ``0.6 * (1 + 0.1) = 0.66`` to count as healthy.
+        phases: phases to watch; ``None`` watches every phase (each with its own state).
+
+    Example:
+        >>> from moe_monitor.detect import make_snapshot
+        >>> det = CollapseDetector(patience=2)
+        >>> collapsed = [[1000, 0, 0, 0]]  # every assignment on expert 0
+        >>> det.update(make_snapshot(collapsed, step=1))
+        []
+        >>> [e.rule for e in det.update(make_snapshot(collapsed, step=2))]
+        ['load_entropy', 'max_violation', 'dead_experts']
+        >>> sorted(det.active)[0]
+        ('layer0', 'dead_experts')
+    """
+
+    def __init__(
+        self,
+        min_load_entropy: float | None = 0.6,
+        max_violation: float | None = 2.0,
+        dead_expert_p: float | None = 1e-6,
+        max_dropped_fraction: float | None = 0.1,
+        nonfinite: bool = True,
+        z_loss_spike: float | None = 3.0,
+        z_loss_history: int = 16,
+        saturation_confidence: float | None = 0.9,
+        saturation_load_entropy: float = 0.8,
+        patience: int = 3,
+        recovery: int = 3,
+        hysteresis: float = 0.1,
+        phases: Iterable[str] | None = None,
+    ) -> None:
+        if patience < 1:
+            raise ValueError(f"patience={patience} must be at least 1 window.")
+        if recovery < 1:
+            raise ValueError(f"recovery={recovery} must be at least 1 window.")
+        if not 0 <= hysteresis < 1:
+            raise ValueError(f"hysteresis={hysteresis} must be in [0, 1) (a relative margin).")
+        if min_load_entropy is not None and not 0 < min_load_entropy < 1:
+            raise ValueError(f"min_load_entropy={min_load_entropy} must be in (0, 1), or None to switch it off.")
+        if not 0 < saturation_load_entropy <= 1:
+            raise ValueError(f"saturation_load_entropy={saturation_load_entropy} must be in (0, 1].")
+        if saturation_confidence is not None and not 0 < saturation_confidence < 1:
+            raise ValueError(f"saturation_confidence={saturation_confidence} must be in (0, 1), or None.")
+        if dead_expert_p is not None and not 0 < dead_expert_p < 1:
+            raise ValueError(f"dead_expert_p={dead_expert_p} must be in (0, 1), or None to switch it off.")
+        for name, val in (
+            ("max_violation", max_violation),
+            ("max_dropped_fraction", max_dropped_fraction),
+            ("z_loss_spike", z_loss_spike),
+        ):
+            if val is not None and not val > 0:
+                raise ValueError(f"{name}={val} must be positive, or None to switch the rule off.")
+        if z_loss_spike is not None and z_loss_spike <= 1:
+            raise ValueError(f"z_loss_spike={z_loss_spike} is a ratio to the running median and must exceed 1.")
+        if z_loss_history < 4:
+            raise ValueError(f"z_loss_history={z_loss_history} must be at least 4 windows.")
+        self.min_load_entropy = min_load_entropy
+        self.max_violation = max_violation
+        self.dead_expert_p = dead_expert_p
+        self.max_dropped_fraction = max_dropped_fraction
+        self.nonfinite = nonfinite
+        self.z_loss_spike = z_loss_spike
+        self.z_loss_history = z_loss_history
+        self.saturation_confidence = saturation_confidence
+        self.saturation_load_entropy = saturation_load_entropy
+        self.patience = patience
+        self.recovery = recovery
+        self.hysteresis = hysteresis
+        self.phases = None if phases is None else tuple(phases)
+        self._states: dict[tuple[str, str, str], _RuleState] = {}
+        self._z_history: dict[tuple[str, str], deque[float]] = {}
+        self._events: list[CollapseEvent] = []
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The rules switched on, in evaluation order."""
+        enabled = {
+            "nonfinite_logits": self.nonfinite,
+            "load_entropy": self.min_load_entropy is not None,
+            "max_violation": self.max_violation is not None,
+            "dead_experts": self.dead_expert_p is not None,
+            "dropped_fraction": self.max_dropped_fraction is not None,
+            "z_loss_spike": self.z_loss_spike is not None,
+            "saturation": self.saturation_confidence is not None,
+        }
+        return tuple(rule for rule in RULES if enabled[rule])
+
+    @property
+    def active(self) -> frozenset[tuple[str, str]]:
+        """``(layer, rule)`` pairs with an alert raised and not yet recovered, in any phase."""
+        return frozenset((layer, rule) for (_, layer, rule), s in self._states.items() if s.active)
+
+    def active_in(self, phase: str) -> frozenset[tuple[str, str]]:
+        """``(layer, rule)`` pairs currently firing in ``phase``."""
+        return frozenset((layer, rule) for (p, layer, rule), s in self._states.items() if s.active and p == phase)
+
+    @property
+    def events(self) -> list[CollapseEvent]:
+        """Every alert and recovery raised so far, oldest first (a copy)."""
+        return list(self._events)
+
+    def update(self, snapshot: Snapshot) -> list[CollapseEvent]:
+        """Reads one window and returns the alerts and recoveries it triggers (also kept in the history).
+
+        Args:
+            snapshot: one closed window from ``RouterMonitor.collect``.
+
+        Returns:
+            New events, in layer order then rule order; empty when nothing changed.
+        """
+        if self.phases is not None and snapshot.phase not in self.phases:
+            return []
+        new: list[CollapseEvent] = []
+        for index, layer in enumerate(snapshot.layer_names):
+            verdicts = self._evaluate(snapshot, index)
+            for rule in self.rules:
+                event = self._advance(snapshot, layer, rule, verdicts[rule])
+                if event is not None:
+                    new.append(event)
+            self._record_z_loss(snapshot, index)
+        self._events.extend(new)
+        return new
+
+    def event_frame(self):  # -> pandas.DataFrame (imported lazily)
+        """Event history as a ``pandas.DataFrame``, one row per event, columns :data:`EVENT_COLUMNS`."""
+        import pandas as pd
+
+        return pd.DataFrame([asdict(e) for e in self._events], columns=list(EVENT_COLUMNS))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: streaks, active alerts, z-loss history, event history."""
+        return {
+            "states": [
+                [phase, layer, rule, s.breach_streak, s.healthy_streak, s.active, s.since_step]
+                for (phase, layer, rule), s in self._states.items()
+            ],
+            "z_history": [[phase, layer, list(h)] for (phase, layer), h in self._z_history.items()],
+            "events": [asdict(e) for e in self._events],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` saved (thresholds come from the constructor, not the checkpoint)."""
+        self._states = {
+            (phase, layer, rule): _RuleState(int(b), int(h), bool(a), int(since))
+            for phase, layer, rule, b, h, a, since in state["states"]
+        }
+        self._z_history = {
+            (phase, layer): deque((float(v) for v in values), maxlen=self.z_loss_history)
+            for phase, layer, values in state["z_history"]
+        }
+        self._events = [CollapseEvent(**{**e, "experts": tuple(e["experts"])}) for e in state["events"]]
+
+    # -- rule evaluation ---------------------------------------------------------------------------------------
+
+    def _evaluate(self, snap: Snapshot, index: int) -> dict[str, _Verdict]:
+        num_experts = int(snap.num_experts[index])
+        counts_E = snap.counts[index, :num_experts].double()
+        assignments = float(counts_E.sum())
+        loads = (counts_E / assignments).tolist() if assignments > 0 else [math.nan] * num_experts
+        stat = {name: float(values[index]) for name, values in snap.stats.items()}
+        hot = self._hot_experts(loads, num_experts)
+        verdicts: dict[str, _Verdict] = {}
+        h = self.hysteresis
+
+        nonfinite = int(snap.nonfinite_tokens[index]) if snap.nonfinite_tokens.numel() else 0
+        verdicts["nonfinite_logits"] = _Verdict(
+            _BREACH if nonfinite > 0 else _HEALTHY, float(nonfinite), 0.0, (), f"{nonfinite} tokens"
+        )
+
+        entropy = stat.get("load_entropy", math.nan)
+        if self.min_load_entropy is not None:
+            verdicts["load_entropy"] = self._lower_bound(entropy, self.min_load_entropy, hot)
+            starved = sum(1 for x in loads if _finite(x) and x < 0.1 / num_experts)
+            verdicts["load_entropy"].detail = (
+                f"experts {_fmt_experts(hot, loads)} take {sum(loads[e] for e in hot):.0%} of the assignments "
+                f"and {starved} of {num_experts} experts get less than a tenth of a fair share"
+            )
+
+        if self.max_violation is not None:
+            verdicts["max_violation"] = self._upper_bound(stat.get("max_violation", math.nan), self.max_violation, hot)
+            if hot:
+                verdicts["max_violation"].detail = (
+                    f"expert {hot[0]} takes {loads[hot[0]] * num_experts:.1f}x its fair share "
+                    f"(busiest: {_fmt_experts(hot, loads)})"
+                )
+
+        if self.dead_expert_p is not None:
+            p_fair = dead_expert_probability(num_experts, int(assignments))
+            if assignments <= 0 or p_fair >= self.dead_expert_p:
+                verdicts["dead_experts"] = _Verdict(_UNKNOWN)
+            else:
+                dead = tuple(e for e in range(num_experts) if counts_E[e] == 0)
+                verdicts["dead_experts"] = _Verdict(
+                    _BREACH if dead else _HEALTHY,
+                    float(len(dead)),
+                    0.0,
+                    dead,
+                    f"{len(dead)} of {num_experts} experts (ids {list(dead)}) got no assignment out of "
+                    f"{int(assignments)} (a fair-share expert would get none with probability {p_fair:.1e})",
+                )
+
+        if self.max_dropped_fraction is not None:
+            verdicts["dropped_fraction"] = self._upper_bound(
+                stat.get("dropped_fraction", math.nan), self.max_dropped_fraction, hot
+            )
+            verdicts["dropped_fraction"].detail = f"overloaded experts {_fmt_experts(hot, loads)}"
+
+        if self.z_loss_spike is not None:
+            z = stat.get("z_loss", math.nan)
+            history = self._z_history.get((snap.phase, snap.layer_names[index]), ())
+            if not _finite(z) or len(history) < max(4, self.z_loss_history // 4):
+                verdicts["z_loss_spike"] = _Verdict(_UNKNOWN)
+            else:
+                median = statistics.median(history)
+                ratio = z / median if median > 0 else math.inf
+                verdicts["z_loss_spike"] = self._upper_bound(ratio, self.z_loss_spike, ())
+                verdicts["z_loss_spike"].detail = f"z-loss {z:.3g} against a running median of {median:.3g}"
+
+        if self.saturation_confidence is not None:
+            conf = stat.get("top1_confidence", math.nan)
+            if not (_finite(conf) and _finite(entropy)):
+                status = _UNKNOWN
+            elif conf >= self.saturation_confidence and entropy < self.saturation_load_entropy:
+                status = _BREACH
+            elif conf < self.saturation_confidence * (1 - h) or entropy >= self.saturation_load_entropy * (1 + h):
+                status = _HEALTHY
+            else:
+                status = _BETWEEN
+            verdicts["saturation"] = _Verdict(
+                status,
+                conf,
+                self.saturation_confidence,
+                hot,
+                f"top-1 router probability {conf:.3f} with load entropy {entropy:.2f} "
+                f"(< {self.saturation_load_entropy:.2f}) on experts {_fmt_experts(hot, loads)}",
+            )
+        return verdicts
+
+    def _lower_bound(self, value: float, threshold: float, experts: tuple[int, ...]) -> _Verdict:
+        if not _finite(value):
+            return _Verdict(_UNKNOWN)
+        if value < threshold:
+            status = _BREACH
+        elif value >= threshold * (1 + self.hysteresis):
+            status = _HEALTHY
+        else:
+            status = _BETWEEN
+        return _Verdict(status, value, threshold, experts)
+
+    def _upper_bound(self, value: float, threshold: float, experts: tuple[int, ...]) -> _Verdict:
+        if math.isnan(value):
+            return _Verdict(_UNKNOWN)
+        if value > threshold:
+            status = _BREACH
+        elif value <= threshold * (1 - self.hysteresis):
+            status = _HEALTHY
+        else:
+            status = _BETWEEN
+        return _Verdict(status, value, threshold, experts)
+
+    @staticmethod
+    def _hot_experts(loads: list[float], num_experts: int, limit: int = 4) -> tuple[int, ...]:
+        """Experts above 1.5x a fair share, busiest first (at least the busiest one), at most ``limit``."""
+        if not loads or not all(_finite(x) for x in loads):
+            return ()
+        order = sorted(range(num_experts), key=lambda e: -loads[e])
+        hot = [e for e in order if loads[e] > 1.5 / num_experts][:limit]
+        return tuple(hot or order[:1])
+
+    def _record_z_loss(self, snap: Snapshot, index: int) -> None:
+        z = float(snap.stats["z_loss"][index]) if "z_loss" in snap.stats else math.nan
+        if self.z_loss_spike is not None and _finite(z):
+            key = (snap.phase, snap.layer_names[index])
+            self._z_history.setdefault(key, deque(maxlen=self.z_loss_history)).append(z)
+
+    # -- patience and hysteresis -------------------------------------------------------------------------------
+
+    def _advance(self, snap: Snapshot, layer: str, rule: str, verdict: _Verdict) -> CollapseEvent | None:
+        state = self._states.setdefault((snap.phase, layer, rule), _RuleState())
+        if verdict.status == _UNKNOWN:
+            return None
+        if not state.active:
+            state.breach_streak = state.breach_streak + 1 if verdict.status == _BREACH else 0
+            patience = 1 if rule == "nonfinite_logits" else self.patience
+            if state.breach_streak >= patience:
+                state.active, state.healthy_streak, state.since_step = True, 0, snap.step
+                return self._alert(snap, layer, rule, verdict, state.breach_streak)
+            return None
+        state.healthy_streak = state.healthy_streak + 1 if verdict.status == _HEALTHY else 0
+        if state.healthy_streak >= self.recovery:
+            event = self._recovered(snap, layer, rule, verdict, state)
+            state.active, state.breach_streak, state.healthy_streak = False, 0, 0
+            return event
+        return None
+
+    def _alert(self, snap: Snapshot, layer: str, rule: str, v: _Verdict, windows: int) -> CollapseEvent:
+        where = f"[{snap.phase} step {snap.step}] {layer}:"
+        lasting = "" if rule == "nonfinite_logits" else f" for {windows} consecutive windows"
+        severity = _SEVERITY[rule]
+        if rule == "load_entropy":
+            text = (
+                f"router collapse, load entropy {v.value:.2f} < {v.threshold:.2f}{lasting}; {v.detail}. "
+                "Try: raise aux_loss_coef (e.g. x10) or let AuxLossController / ExpertBiasController balance it "
+                "(--control aux,bias), add router noise (--control noise), or lower the learning rate."
+            )
+        elif rule == "max_violation":
+            text = (
+                f"load imbalance, MaxVio {v.value:.2f} > {v.threshold:.2f}{lasting}; {v.detail}. "
+                "With a capacity limit its overflow is dropped. Try: auxiliary-loss-free expert bias "
+                "(--control bias) or a larger aux_loss_coef (--control aux)."
+            )
+        elif rule == "dead_experts":
+            if v.value >= self._num_experts(snap, layer) / 2:
+                severity = "critical"
+            text = (
+                f"dead experts, {v.detail}{lasting}; their weights no longer train. Try: router noise "
+                "(--control noise), expert bias (--control bias), re-initialising those experts' gate rows, or "
+                "checking the router initialisation."
+            )
+        elif rule == "dropped_fraction":
+            text = (
+                f"capacity overflow, {v.value:.1%} of assignments dropped > {v.threshold:.1%}{lasting}; "
+                f"{v.detail}. Try: raise capacity_factor (e.g. 1.25 -> 2.0) or go dropless, and rebalance the "
+                "router (--control bias or aux)."
+            )
+        elif rule == "nonfinite_logits":
+            text = (
+                f"non-finite router logits, {v.detail} had NaN/Inf logits in this window (alerted at once). The "
+                "router or its input diverged. Try: lower the learning rate, clip gradients, raise z_loss_coef "
+                "(e.g. 1e-3), keep the router in fp32, and resume from the last good checkpoint."
+            )
+        elif rule == "z_loss_spike":
+            text = (
+                f"router z-loss spike, {v.detail} = {v.value:.1f}x > {v.threshold:.1f}x{lasting}; the router "
+                "logits are growing fast, a usual precursor of divergence. Try: raise z_loss_coef (e.g. x10), "
+                "lower the learning rate or clip gradients."
+            )
+        else:
+            text = (
+                f"router saturated, {v.detail}, top-1 >= {v.threshold:.2f}{lasting}: a nearly one-hot softmax "
+                "passes almost no gradient, so the collapse locks in. Try: router noise (--control noise), "
+                "z-loss, expert bias (--control bias) or a lower learning rate."
+            )
+        return CollapseEvent(
+            snap.step, snap.phase, layer, rule, v.value, v.threshold, severity, f"{where} {text}", v.experts, "alert"
+        )
+
+    def _recovered(self, snap: Snapshot, layer: str, rule: str, v: _Verdict, state: _RuleState) -> CollapseEvent:
+        value = "none" if rule == "nonfinite_logits" else f"{v.value:.3g}"
+        text = (
+            f"[{snap.phase} step {snap.step}] {layer}: recovered from {rule} (alert raised at step "
+            f"{state.since_step}); value {value} on the healthy side for {self.recovery} consecutive windows."
+        )
+        return CollapseEvent(
+            snap.step, snap.phase, layer, rule, v.value, v.threshold, "info", text, v.experts, "recovery"
+        )
+
+    @staticmethod
+    def _num_experts(snap: Snapshot, layer: str) -> int:
+        return int(snap.num_experts[snap.layer_names.index(layer)])
+
+
+def make_snapshot(
+    counts: Sequence[Sequence[int]] | torch.Tensor,
+    step: int = 0,
+    phase: str = "train",
+    top_k: int = 1,
+    dropped: Sequence[int] | None = None,
+    nonfinite_tokens: Sequence[int] | None = None,
+    layer_names: Sequence[str] | None = None,
+    **stats: Sequence[float],
+) -> Snapshot:
+    """Builds a :class:`Snapshot` from per-expert counts, computing the count-based SPEC §3 statistics.
+
+    Meant for tests, examples and replaying logged counts through a detector. Router-probability statistics
+    (``aux_loss``, ``z_loss``, ``router_entropy``, ``top1_confidence``) are NaN unless given as keyword arguments,
+    one value per layer.
+
+    Example:
+        >>> s = make_snapshot([[3, 1, 0, 0]], top_k=1)
+        >>> round(float(s.stats["max_violation"][0]), 3), int(s.stats["dead_experts"][0])
+        (2.0, 2)
+        >>> round(float(make_snapshot([[5, 5, 5, 5]]).stats["load_entropy"][0]), 6)
+        1.0
+    """
+    counts_LE = torch.as_tensor(counts, dtype=torch.int64)
+    num_layers, num_experts = counts_LE.shape
+    assignments_L = counts_LE.sum(dim=1).double()
+    load_LE = counts_LE.double() / assignments_L[:, None]
+    plogp_LE = torch.where(load_LE > 0, load_LE * load_LE.log(), torch.zeros_like(load_LE))
+    mean_L = counts_LE.double().mean(dim=1)
+    dropped_L = torch.as_tensor(dropped if dropped is not None else [0] * num_layers, dtype=torch.int64)
+    sorted_LE = counts_LE.double().sort(dim=1).values
+    ranks_E = torch.arange(1, num_experts + 1, dtype=torch.float64)
+    gini_L = (2 * (ranks_E * sorted_LE).sum(1) / (num_experts * sorted_LE.sum(1))) - (num_experts + 1) / num_experts
+    computed = {
+        "dropped_fraction": dropped_L.double() / assignments_L,
+        "load_entropy": -plogp_LE.sum(dim=1) / math.log(num_experts) if num_experts > 1 else torch.ones(num_layers),
+        "max_violation": counts_LE.double().max(dim=1).values / mean_L - 1,
+        "cv": counts_LE.double().std(dim=1, unbiased=False) / mean_L,
+        "gini": gini_L,
+        "dead_experts": (counts_LE == 0).sum(dim=1).double(),
+    }
+    nan_L = torch.full((num_layers,), math.nan, dtype=torch.float64)
+    all_stats = {}
+    for name in STAT_NAMES:
+        if name in stats:
+            all_stats[name] = torch.as_tensor(stats[name], dtype=torch.float64)
+        else:
+            all_stats[name] = computed.get(name, nan_L).double()
+    return Snapshot(
+        step=step,
+        phase=phase,
+        layer_names=list(layer_names) if layer_names is not None else [f"layer{i}" for i in range(num_layers)],
+        num_experts=[num_experts] * num_layers,
+        top_k=[top_k] * num_layers,
+        counts=counts_LE,
+        tokens=(counts_LE.sum(dim=1) // top_k),
+        dropped=dropped_L,
+        nonfinite_tokens=torch.as_tensor(
+            nonfinite_tokens if nonfinite_tokens is not None else [0] * num_layers, dtype=torch.int64
+        ),
+        stats=all_stats,
+    )
