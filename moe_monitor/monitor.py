@@ -162,9 +162,11 @@ class RouterMonitor:
         window = self._windows.setdefault(phase, {})
         buffer = window.get(device)
         if buffer is None:
-            buffer = window[device] = torch.zeros(
-                len(self.layers), self.layout.width, dtype=torch.float64, device=device
-            )
+            # A buffer first touched by a validation forward under inference mode (Lightning's default) must still
+            # be a normal tensor, or resetting it in collect() would fail outside inference mode.
+            with torch.inference_mode(False):
+                buffer = torch.zeros(len(self.layers), self.layout.width, dtype=torch.float64, device=device)
+            window[device] = buffer
         return buffer
 
     def _mask_for(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:

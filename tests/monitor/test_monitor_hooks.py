@@ -1,0 +1,205 @@
+"""Hook behaviour: phases, activation checkpointing, gradient accumulation, no host sync, failure policy."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+from monitor_toys import ToyModel
+from torch import nn
+
+from moe_monitor import NoRoutersFoundError, RouterMonitor, RouterSpec
+
+
+def _expected_counts(model: ToyModel, x_BSD: torch.Tensor) -> list[list[int]]:
+    """Counts recomputed from the routers' own outputs, layer by layer, with a plain loop."""
+    counts = []
+    with torch.no_grad():
+        for block in model.blocks:
+            _, _, idx_TK = block.router(x_BSD)
+            layer = [0] * block.router.num_experts
+            for e in idx_TK.reshape(-1).tolist():
+                layer[e] += 1
+            counts.append(layer)
+            x_BSD = block(x_BSD)
+    return counts
+
+
+def _monitor(model: ToyModel, **kwargs) -> RouterMonitor:
+    return RouterMonitor(model, routers=model.router_names, **kwargs)
+
+
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non_reentrant"])
+def test_activation_checkpointing_recompute_is_not_counted(checkpointing):
+    torch.manual_seed(0)
+    model = ToyModel(checkpointing=checkpointing)
+    monitor = _monitor(model)
+    x_BSD = torch.randn(2, 5, 8, requires_grad=True)
+    calls = []
+    handle = model.blocks[0].router.register_forward_hook(lambda *args: calls.append(1))
+    model(x_BSD).square().sum().backward()
+    handle.remove()
+    assert len(calls) == 2, "the router must really run twice (forward and recompute) for this test to mean anything"
+    snap = monitor.collect(step=0)
+    assert snap.tokens.tolist() == [10, 10]
+    assert snap.counts.tolist() == _expected_counts(model, x_BSD.detach())
+
+
+def test_eval_forwards_count_to_their_own_phase():
+    torch.manual_seed(1)
+    model = ToyModel()
+    x_train, x_val, x_test = torch.randn(2, 3, 8), torch.randn(1, 4, 8), torch.randn(1, 2, 8)
+    expected_train, expected_val = _expected_counts(model, x_train), _expected_counts(model, x_val)
+    monitor = _monitor(model)
+    model.train()
+    model(x_train)
+    model.eval()
+    with torch.no_grad():
+        model(x_val)
+    with monitor.phase("test"), torch.no_grad():
+        model(x_test)
+    model.train()
+    with torch.inference_mode(), monitor.phase("val"):
+        model(x_val)
+    val = monitor.collect(step=0, phase="val")
+    train = monitor.collect(step=0, phase="train")
+    test = monitor.collect(step=0, phase="test")
+    assert train.tokens.tolist() == [6, 6] and train.counts.tolist() == expected_train
+    assert val.tokens.tolist() == [8, 8]
+    assert val.counts.tolist() == [[2 * c for c in layer] for layer in expected_val]
+    assert test.tokens.tolist() == [2, 2] and val.phase == "val"
+    # Each collect closed only its own phase's window; inference-mode buffers can be reset and reused.
+    with torch.inference_mode():
+        model.eval()
+        model(x_val)
+    assert monitor.collect(step=1, phase="val").tokens.tolist() == [4, 4]
+    assert monitor.collect(step=1, phase="train").tokens.tolist() == [0, 0]
+
+
+def test_gradient_accumulation_micro_batches_add_up_to_the_big_batch():
+    torch.manual_seed(2)
+    model = ToyModel()
+    x_BSD = torch.randn(4, 3, 8)
+    monitor = _monitor(model)
+    model(x_BSD).sum().backward()
+    big = monitor.collect(step=0)
+    for micro in x_BSD.chunk(2):
+        model(micro).sum().backward()
+    accumulated = monitor.collect(step=1)
+    assert accumulated.counts.tolist() == big.counts.tolist()
+    assert accumulated.tokens.tolist() == big.tokens.tolist() == [12, 12]
+    for name in ("z_loss", "router_entropy", "top1_confidence", "aux_loss", "load_entropy"):
+        assert accumulated.stats[name].tolist() == pytest.approx(big.stats[name].tolist(), rel=1e-6), name
+
+
+@contextlib.contextmanager
+def _host_sync_forbidden():
+    def forbid(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"host sync: Tensor.{name} called on the hot path")
+
+        return raiser
+
+    names = ("item", "tolist", "cpu", "numpy", "__bool__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, forbid(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_hooks_never_synchronise_with_the_host():
+    torch.manual_seed(3)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = ToyModel(top_k=2, checkpointing="non_reentrant").to(device)
+    monitor = _monitor(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x_BSD = torch.randn(2, 6, 8, device=device)
+    mask_BS = torch.ones(2, 6, dtype=torch.bool, device=device)
+    mask_BS[1, 4:] = False
+    model(x_BSD)  # warm-up allocates the window buffer and the mask copy outside the checked region
+    monitor.set_token_mask(mask_BS)
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with _host_sync_forbidden():
+            for _ in range(2):
+                optimizer.zero_grad()
+                model(x_BSD).square().mean().backward()
+                optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                model(x_BSD)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert monitor.collect(step=0).tokens.tolist() == [12 + 2 * 10] * 2
+    assert monitor.collect(step=0, phase="val").tokens.tolist() == [10, 10]
+
+
+def test_window_counts_is_a_device_view_without_sync():
+    torch.manual_seed(4)
+    model = ToyModel()
+    monitor = _monitor(model)
+    assert monitor.window_counts().shape == (2, 4)
+    model(torch.randn(1, 5, 8))
+    view = monitor.window_counts("train")
+    assert view.sum(dim=1).tolist() == [10.0, 10.0]
+    monitor.collect(step=0)
+    assert view.sum().item() == 0.0
+
+
+def test_failing_extraction_warns_once_and_disables_only_that_layer():
+    torch.manual_seed(5)
+    model = ToyModel()
+
+    def broken(module, args, output):
+        raise RuntimeError("adapter bug")
+
+    monitor = RouterMonitor(
+        model,
+        routers=[RouterSpec(name="blocks.0.router", num_experts=4, top_k=2, extract=broken), "blocks.1.router"],
+    )
+    with pytest.warns(RuntimeWarning, match="adapter bug") as record:
+        model(torch.randn(1, 3, 8)).sum().backward()
+        model(torch.randn(1, 3, 8))
+    assert len([w for w in record if "adapter bug" in str(w.message)]) == 1
+    snap = monitor.collect(step=0)
+    assert math.isnan(snap.stats["load_entropy"][0].item())
+    assert snap.tokens.tolist() == [0, 6]
+    assert math.isfinite(snap.stats["load_entropy"][1].item())
+
+
+def test_no_router_error_lists_what_was_searched_and_how_to_register():
+    with pytest.raises(NoRoutersFoundError) as info:
+        RouterMonitor(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "moe_monitor.reference.router.Router" in message and "_can_record_outputs" in message
+    assert "RouterSpec(" in message and "routers=" in message
+
+
+def test_manual_registration_errors_at_setup():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="No module named 'gate'"):
+        RouterMonitor(model, routers=["gate"])
+    with pytest.raises(ValueError, match="top_k"):
+        RouterMonitor(model, routers=["0"])
+    with pytest.raises(ValueError, match="kind"):
+        RouterMonitor(model, routers=[RouterSpec(name="0", top_k=1, kind="hash")])
+
+
+def test_remove_and_context_manager_detach_every_hook():
+    torch.manual_seed(6)
+    model = ToyModel()
+    with _monitor(model) as monitor:
+        model(torch.randn(1, 2, 8))
+    model(torch.randn(1, 2, 8))
+    assert monitor.collect(step=0).tokens.tolist() == [2, 2]
+    assert all(not block.router._forward_hooks for block in model.blocks)
