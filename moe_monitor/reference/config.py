@@ -138,7 +138,7 @@ class MoEConfig:
 # Sizes for the bundled byte-level corpus. ``tiny`` is sized so that the default ``moe-monitor train`` finishes
 # in a few minutes on a 2-core CPU with the loss clearly falling.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(d_model=64, n_layers=2, n_heads=4, seq_len=64, n_experts=8, top_k=2, d_expert=128),
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, seq_len=128, n_experts=8, top_k=2, d_expert=128),
     "small": dict(d_model=256, n_layers=4, n_heads=4, seq_len=256, n_experts=8, top_k=2, d_expert=512),
     "base": dict(d_model=512, n_layers=8, n_heads=8, seq_len=512, n_experts=16, top_k=2, d_expert=1024),
 }
