@@ -1,0 +1,82 @@
+"""TensorBoard dashboards read back from the event files of a real run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+from moe_monitor import CollapseDetector, MoEMonitor
+from moe_monitor.snapshot import STAT_NAMES
+from tests.callback.conftest import make_data, make_lm, make_trainer
+
+
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("tb")
+    alerts = []
+    # Thresholds no real router meets, so the first window raises alerts (load entropy one is critical).
+    detector = CollapseDetector(min_load_entropy=0.9999, max_violation=0.01, patience=1)
+    callback = MoEMonitor(log_every_n_steps=2, detector=detector, on_alert=alerts.append, stop_on_collapse=True)
+    logger = TensorBoardLogger(root, name="tb")
+    trainer = make_trainer(root, [callback], logger, max_steps=6, val_check_interval=2)
+    trainer.fit(make_lm(), make_data())
+    accumulator = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    accumulator.Reload()
+    return trainer, callback, logger, accumulator, alerts
+
+
+def test_scalars_equal_the_layer_frame(tb_run) -> None:
+    _, callback, _, accumulator, _ = tb_run
+    frame = callback.layer_frame()
+    tags = set(accumulator.Tags()["scalars"])
+    checked = 0
+    for row in frame.itertuples():
+        for stat in STAT_NAMES:
+            key = f"moe/{row.phase}/{stat}/L{row.layer:02d}"
+            value = getattr(row, stat)
+            if value != value:  # NaN statistics are not logged
+                continue
+            logged = {e.step: e.value for e in accumulator.Scalars(key)}
+            assert logged[row.step] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+            checked += 1
+    assert checked >= 2 * 2 * 8  # two windows (train + val) of two layers, at least 8 finite statistics each
+    assert {"moe/train/all/min_load_entropy", "moe/val/all/max_max_violation"} <= tags
+
+
+def test_histograms_have_one_bucket_per_expert_holding_its_count(tb_run) -> None:
+    _, callback, _, accumulator, _ = tb_run
+    experts = callback.expert_frame()
+    for layer in (0, 1):
+        (event,) = accumulator.Histograms(f"moe/train/expert_load/L{layer:02d}")
+        expected = experts[(experts.phase == "train") & (experts.layer == layer)].sort_values("expert")["count"]
+        assert list(event.histogram_value.bucket) == expected.tolist()
+        assert list(event.histogram_value.bucket_limit) == [0.5, 1.5, 2.5, 3.5]
+        assert event.step == 2
+
+
+def test_heatmap_layout_and_alert_text(tb_run) -> None:
+    _, _, logger, accumulator, _ = tb_run
+    (image,) = accumulator.Images("moe/train/load_heatmap")
+    assert image.step == 2 and image.width > 100 and image.height > 50
+    plugins = set()
+    for path in Path(logger.log_dir).glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                plugins.add((value.tag, value.metadata.plugin_data.plugin_name))
+    assert ("custom_scalars__config__", "custom_scalars") in plugins
+    assert any(tag.startswith("moe/events") and plugin == "text" for tag, plugin in plugins)
+
+
+def test_alerts_reach_on_alert_and_critical_one_stops_every_rank(tb_run) -> None:
+    trainer, callback, logger, _, alerts = tb_run
+    assert trainer.global_step == 2 and callback.stopped_by_collapse
+    assert {a.rule for a in alerts} >= {"load_entropy", "max_violation"}
+    assert all(a.kind == "alert" and a.step == 2 for a in alerts)
+    events = callback.event_frame()
+    assert set(events.rule) >= {"load_entropy", "max_violation"}
+    saved = Path(logger.log_dir, "moe_monitor", "events.csv").read_text()
+    assert "load_entropy" in saved
