@@ -1,0 +1,59 @@
+"""Two gloo processes on the CPU: collect() sums every process's window with one collective."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, results) -> None:
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from monitor_toys import Replay, replay_spec
+    from torch import nn
+
+    from moe_monitor import RouterMonitor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = nn.ModuleDict({"a": Replay(), "b": Replay()})
+        monitor = RouterMonitor(model, routers=[replay_spec("a", 3, 1), replay_spec("b", 3, 1)])
+        calls = []
+        real_all_reduce = dist.all_reduce
+        dist.all_reduce = lambda *args, **kwargs: calls.append(1) or real_all_reduce(*args, **kwargs)
+        # Rank r routes r + 1 tokens, all to expert r, in both layers; the logits are irrelevant here.
+        idx_TK = torch.full((rank + 1, 1), rank)
+        for name in ("a", "b"):
+            model[name](torch.zeros(rank + 1, 3), idx_TK)
+        snap = monitor.collect(step=1)
+        results[rank] = (snap.counts.tolist(), snap.tokens.tolist(), len(calls))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_collect_reduces_across_two_processes():
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_worker, args=(2, _free_port(), results), nprocs=2, join=True, start_method="spawn")
+        results = dict(results)
+    expected_counts = [[1, 2, 0], [1, 2, 0]]
+    for rank in (0, 1):
+        counts, tokens, all_reduce_calls = results[rank]
+        assert counts == expected_counts
+        assert tokens == [3, 3]
+        assert all_reduce_calls == 1
