@@ -187,6 +187,8 @@ class MoEMonitor(Callback):
         self._seen_step = 0
         self._last_window_step: int | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._pending_controller_state: dict[str, Any] = {}
+        self._controllers_ready = False
         self._phase_scope = contextlib.ExitStack()
         self._hooked = False
         self._deferred = False
@@ -204,14 +206,15 @@ class MoEMonitor(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """History of the monitor, detector and controllers, and the window bookkeeping (plain Python types)."""
-        monitor_state = self.monitor.state_dict() if self.monitor is not None else None
-        if monitor_state is None and self._pending_state is not None:
-            monitor_state = self._pending_state.get("monitor")
+        if self._pending_state is not None:  # restored but not applied yet: hand it on unchanged
+            return dict(self._pending_state)
+        controllers = {_controller_name(c): c.state_dict() for c in self.controllers}
+        controllers.update(self._pending_controller_state)
         return {
             "version": _STATE_VERSION,
-            "monitor": monitor_state,
+            "monitor": None if self.monitor is None else self.monitor.state_dict(),
             "detector": None if self.detector is None else self.detector.state_dict(),
-            "controllers": {_controller_name(c): c.state_dict() for c in self.controllers},
+            "controllers": controllers,
             "events": [_event_record(e) for e in self.events],
             "last_window_step": self._last_window_step,
         }
@@ -220,18 +223,30 @@ class MoEMonitor(Callback):
         """Restores :meth:`state_dict`; what belongs to the monitor waits for ``setup`` if it has not run yet."""
         if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(f"Unsupported MoEMonitor state version {state_dict.get('version')!r}.")
-        if self.detector is not None and state_dict.get("detector") is not None:
-            self.detector.load_state_dict(state_dict["detector"])
+        self._pending_state = state_dict
+        if self.monitor is not None:  # Lightning restores checkpoints after `setup`
+            self._apply_pending_state()
+
+    def _apply_pending_state(self) -> None:
+        state, self._pending_state = self._pending_state, None
+        if state is None:
+            return
+        if self.monitor is not None and state.get("monitor") is not None:
+            self.monitor.load_state_dict(state["monitor"])
+        if self.detector is not None and state.get("detector") is not None:
+            self.detector.load_state_dict(state["detector"])
+        self.events = [CollapseEvent(**{**e, "experts": tuple(e["experts"])}) for e in state.get("events", [])]
+        self._last_window_step = state.get("last_window_step")
+        # Controllers re-apply their knobs on load, which needs their `setup` (done at the start of fit) first.
+        self._pending_controller_state = dict(state.get("controllers", {}))
+        if self._controllers_ready:
+            self._load_controller_state()
+
+    def _load_controller_state(self) -> None:
         for controller in self.controllers:
-            controller_state = state_dict.get("controllers", {}).get(_controller_name(controller))
+            controller_state = self._pending_controller_state.pop(_controller_name(controller), None)
             if controller_state is not None:
                 controller.load_state_dict(controller_state)
-        self.events = [CollapseEvent(**{**e, "experts": tuple(e["experts"])}) for e in state_dict.get("events", [])]
-        self._last_window_step = state_dict.get("last_window_step")
-        if self.monitor is not None and state_dict.get("monitor") is not None:
-            self.monitor.load_state_dict(state_dict["monitor"])
-        else:
-            self._pending_state = state_dict
 
     # ------------------------------------------------------------------------------------------------- frames
     def layer_frame(self) -> pd.DataFrame:
@@ -288,16 +303,16 @@ class MoEMonitor(Callback):
             # A second fit / validate / test with the same callback continues the same history.
             previous.remove()
             monitor.load_state_dict(previous.state_dict())
-        if self._pending_state is not None and self._pending_state.get("monitor") is not None:
-            monitor.load_state_dict(self._pending_state["monitor"])
-        self._pending_state = None
         self.monitor = monitor
         self._hooked, self._deferred = True, False
+        self._apply_pending_state()
 
     def _setup_controllers(self, pl_module: pl.LightningModule) -> None:
         assert self.monitor is not None
         for controller in self.controllers:
             controller.setup(pl_module, self.monitor)
+        self._controllers_ready = True
+        self._load_controller_state()
 
     def _make_sinks(self, trainer: pl.Trainer) -> list[Sink]:
         from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
@@ -426,7 +441,7 @@ class MoEMonitor(Callback):
         if self.monitor is not None:
             self.monitor.set_token_mask(None)
             self.monitor.remove()
-        self._hooked = False
+        self._hooked = self._controllers_ready = False
         self._sinks = []
 
     def _save(self, trainer: pl.Trainer) -> str:

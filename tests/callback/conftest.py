@@ -25,16 +25,16 @@ def _offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     torch.set_num_threads(1)
 
 
-class TestableLM(ReferenceLM):
+class LMWithTestStep(ReferenceLM):
     """The reference module with a test loop (it reuses the validation step)."""
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
 
-def make_lm(seed: int = 0, lr: float = 3e-3, **overrides: Any) -> TestableLM:
+def make_lm(seed: int = 0, lr: float = 3e-3, **overrides: Any) -> LMWithTestStep:
     pl.seed_everything(seed, verbose=False)
-    return TestableLM(MoEConfig(**{**TINY, **overrides}), lr=lr, warmup_steps=1, max_steps=100)
+    return LMWithTestStep(MoEConfig(**{**TINY, **overrides}), lr=lr, warmup_steps=1, max_steps=100)
 
 
 def make_data(batch_size: int = 4, train_samples: int = 256) -> CorpusDataModule:

@@ -1,0 +1,55 @@
+"""Checkpoint save -> resume continues the history, the detector, the controllers and the step numbering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moe_monitor import AuxLossController, CollapseDetector, MoEMonitor
+from tests.callback.conftest import make_data, make_lm, make_trainer
+
+
+def _callbacks() -> tuple[MoEMonitor, MoEMonitor]:
+    # Thresholds no real router meets: every window alerts and the controller doubles the coefficient.
+    detector = CollapseDetector(min_load_entropy=0.9999, patience=1)
+    watching = MoEMonitor(log_every_n_steps=2, detector=detector, controllers=[AuxLossController(max_coef=1.0)])
+    second = MoEMonitor(log_every_n_steps=3, detector=None)
+    return watching, second
+
+
+def test_two_instances_share_a_checkpoint_and_resume_where_they_stopped(tmp_path: Path) -> None:
+    watching, second = _callbacks()
+    assert watching.state_key != second.state_key
+    lm = make_lm()
+    trainer = make_trainer(tmp_path, [watching, second], max_steps=4, limit_val_batches=0)
+    trainer.fit(lm, make_data())
+    path = tmp_path / "step4.ckpt"
+    trainer.save_checkpoint(path)
+    coef_at_4 = lm.model.blocks[0].moe.router.aux_loss_coef
+    assert coef_at_4 == 0.01 * 2 * 2  # doubled at the windows of steps 2 and 4
+
+    checkpoint = torch.load(path, weights_only=True)  # plain types only
+    assert {watching.state_key, second.state_key} <= set(checkpoint["callbacks"])
+
+    watching2, second2 = _callbacks()
+    lm2 = make_lm(seed=1)
+    assert lm2.model.blocks[0].moe.router.aux_loss_coef == 0.01
+    trainer2 = make_trainer(tmp_path, [watching2, second2], max_steps=8, limit_val_batches=0)
+    trainer2.fit(lm2, make_data(), ckpt_path=path)
+
+    frame = watching2.layer_frame()
+    assert sorted(set(frame.step)) == [2, 4, 6, 8]
+    # Windows of the first run are carried over unchanged.
+    before = watching.layer_frame()
+    assert frame[frame.step <= 4].reset_index(drop=True).equals(before.reset_index(drop=True))
+    assert sorted(set(second2.layer_frame().step)) == [3, 4, 6, 8]  # 4 and 8: the partial windows at the end
+    # The detector remembers alerts of the first run (an alert stays active: no second alert at step 6) ...
+    events = watching2.event_frame()
+    alerts = events[(events.kind == "alert") & (events.rule == "load_entropy")]
+    assert sorted(set(alerts.step)) == [2]
+    # ... and the controller carried on from the restored coefficient: 0.04 -> 0.08 -> 0.16.
+    assert lm2.model.blocks[0].moe.router.aux_loss_coef == coef_at_4 * 4
+    control = events[events.kind == "control"]
+    assert sorted(set(control.step)) == [2, 4, 6, 8]
+    assert all(not r._forward_hooks for r in [b.moe.router for b in lm2.model.blocks])
