@@ -1,7 +1,7 @@
 """A self-contained HTML report of a finished run (``moe-monitor report RUN_DIR``).
 
-The report reads the frames the callback saves at the end of fit (``layer_frame``, ``expert_frame`` and, when
-the detector ran, ``events``; CSV or parquet) and draws them as inline SVG, so the file opens anywhere, offline,
+The report reads the frames the callback saves at the end of fit (``layers``, ``experts`` and, when the
+detector ran, ``events``; CSV or parquet, as written by ``RouterMonitor.save``) and draws them as inline SVG, so the file opens anywhere, offline,
 with no JavaScript and no plotting package.
 """
 
@@ -50,21 +50,21 @@ def _read_frame(run_dir: Path, stem: str) -> pd.DataFrame | None:
 
 
 def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
-    """Reads ``(layer_frame, expert_frame, events)`` saved under ``run_dir``.
+    """Reads the ``(layers, experts, events)`` frames saved under ``run_dir``.
 
     Raises:
-        RunFilesNotFoundError: when no ``layer_frame`` file is found, with what to do about it.
+        RunFilesNotFoundError: when no ``layers`` frame is found, with what to do about it.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunFilesNotFoundError(f"{run_dir} is not a directory: pass the output directory of a training run.")
-    layers = _read_frame(run_dir, "layer_frame")
+    layers = _read_frame(run_dir, "layers")
     if layers is None:
         raise RunFilesNotFoundError(
-            f"no layer_frame.csv or layer_frame.parquet under {run_dir}. The MoEMonitor callback writes them at the "
+            f"no layers.csv or layers.parquet under {run_dir}. The MoEMonitor callback writes them at the "
             "end of fit (save_frames=True, the default); a RouterMonitor user writes them with monitor.save(DIR)."
         )
-    return layers, _read_frame(run_dir, "expert_frame"), _read_frame(run_dir, "events")
+    return layers, _read_frame(run_dir, "experts"), _read_frame(run_dir, "events")
 
 
 def _fmt(value: float) -> str:

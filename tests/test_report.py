@@ -27,8 +27,8 @@ def _frames(tmp_path, with_events: bool) -> None:
                             for e, c in enumerate(counts)]
     out = tmp_path / "version_0" / "moe_monitor"
     out.mkdir(parents=True)
-    pd.DataFrame(rows).to_csv(out / "layer_frame.csv", index=False)
-    pd.DataFrame(expert_rows).to_csv(out / "expert_frame.csv", index=False)
+    pd.DataFrame(rows).to_csv(out / "layers.csv", index=False)
+    pd.DataFrame(expert_rows).to_csv(out / "experts.csv", index=False)
     if with_events:
         pd.DataFrame([dict(step=100, phase="train", layer="blocks.1.moe.router", rule="max_violation", value=1.0,
                            threshold=0.8, severity="warning", message="expert 0 overloaded", kind="alert")]
