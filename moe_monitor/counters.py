@@ -97,37 +97,52 @@ def forward_update(
     valid_T = torch.ones(num_tokens, device=device) if mask_T is None else mask_T.to(device, torch.float32)
     logits_TE = None if routing.logits_TE is None else routing.logits_TE.detach().reshape(num_tokens, -1).float()
     probs_TE = None if routing.probs_TE is None else routing.probs_TE.detach().reshape(num_tokens, -1).float()
-    if probs_TE is None and logits_TE is not None:
-        probs_TE = torch.softmax(logits_TE, dim=-1)
 
+    has_logits, has_probs = logits_TE is not None, logits_TE is not None or probs_TE is not None
     prob_sum_E = None
-    if probs_TE is not None:
+    if has_probs:
         # A token with any NaN/Inf logit (or probability) is counted apart and masked out of every statistic;
         # torch.where (not a multiply) so that NaN * 0 does not leak into the sums.
-        finite_T = probs_TE.isfinite().all(dim=-1)
-        if logits_TE is not None:
-            finite_T = finite_T & logits_TE.isfinite().all(dim=-1)
+        finite_T = (logits_TE if logits_TE is not None else probs_TE).isfinite().all(dim=-1)
+        if logits_TE is not None and probs_TE is not None:
+            finite_T = finite_T & probs_TE.isfinite().all(dim=-1)
         scalars["nonfinite_tokens"] = (valid_T * ~finite_T).sum()
         valid_T = valid_T * finite_T
-        probs_TE = torch.where(finite_T[:, None], probs_TE, 0.0)
-        entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1)
-        entropy_T = entropy_T / math.log(e) if e > 1 else entropy_T * 0.0
-        columns_TC = [probs_TE, torch.ones_like(entropy_T)[:, None], entropy_T[:, None], probs_TE.amax(dim=-1)[:, None]]
-        if logits_TE is not None:
+        columns_TC = []
+        if has_logits:
+            # Softmax, logsumexp, entropy and top-1 probability from one exp: torch.logsumexp alone costs more on
+            # the CPU than all of this, and every value here is finite once non-finite tokens are zeroed.
             logits_TE = torch.where(finite_T[:, None], logits_TE, 0.0)
-            columns_TC.append(torch.logsumexp(logits_TE, dim=-1).square()[:, None])
+            max_T1 = logits_TE.amax(dim=-1, keepdim=True)
+            shifted_TE = logits_TE - max_T1
+            exp_TE = shifted_TE.exp()
+            sumexp_T1 = exp_TE.sum(dim=-1, keepdim=True)
+            log_sumexp_T1 = sumexp_T1.log()
+            columns_TC.append((max_T1 + log_sumexp_T1).square())
+        if probs_TE is None:
+            probs_TE = exp_TE / sumexp_T1
+            top1_T1 = sumexp_T1.reciprocal()  # the largest probability is exp(0) / sum
+            entropy_T1 = log_sumexp_T1 - (probs_TE * shifted_TE).sum(dim=-1, keepdim=True)
+        else:
+            probs_TE = torch.where(finite_T[:, None], probs_TE, 0.0)
+            top1_T1 = probs_TE.amax(dim=-1, keepdim=True)
+            entropy_T1 = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1, keepdim=True)
+        entropy_T1 = entropy_T1 * (1.0 / math.log(e) if e > 1 else 0.0)
         # One matrix-vector product gives every per-token sum at once.
-        sums_C = valid_T @ torch.cat(columns_TC, dim=1)
+        sums_C = valid_T @ torch.cat([probs_TE, top1_T1, entropy_T1, *columns_TC], dim=1)
         prob_sum_E = sums_C[:e]
-        scalars["prob_tokens"], scalars["entropy_sum"], scalars["top1_sum"] = sums_C[e], sums_C[e + 1], sums_C[e + 2]
-        if logits_TE is not None:
-            scalars["logit_tokens"], scalars["z_sum"] = sums_C[e], sums_C[e + 3]
+        scalars["top1_sum"], scalars["entropy_sum"] = sums_C[e], sums_C[e + 1]
+        if columns_TC:
+            scalars["z_sum"] = sums_C[e + 2]
 
     weight_A = valid_T.index_select(0, routing.token_idx_A)
     expert_idx_A = routing.expert_idx_A
     counts_E = torch.zeros(e, device=device).index_add_(0, expert_idx_A, weight_A)
     tokens = valid_T.sum()
     scalars["tokens"] = tokens
+    # Probabilities / logits are known for every counted token, or for none (then their statistics are NaN).
+    scalars["prob_tokens"] = tokens if has_probs else None
+    scalars["logit_tokens"] = tokens if has_logits else None
     if routing.kept_A is not None:
         scalars["dropped"] = (weight_A * ~routing.kept_A.reshape(-1)).sum()
 

@@ -38,7 +38,9 @@ def extract(module: nn.Module, args: tuple, output: Any) -> Routing:
         expert_idx_A=output.expert_idx_A,
         num_tokens=output.logits_TE.shape[0],
         logits_TE=output.logits_TE,
-        probs_TE=output.probs_TE,
+        # probs_TE is softmax(logits_TE) by the router's contract; leaving it out lets the counters derive it
+        # from the exp they compute anyway, which is cheaper than reading a second [T, E] tensor.
+        probs_TE=None,
         kept_A=kept_A,
     )
 
