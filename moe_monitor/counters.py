@@ -55,6 +55,11 @@ class Layout:
         self._scalar_index = {name: self._scalar0 + i for i, name in enumerate(names)}
         self.width = self._scalar0 + len(names)
 
+    @property
+    def scalar_names(self) -> tuple[str, ...]:
+        """Names of the scalar fields, in column order."""
+        return tuple(self._scalar_index)
+
     def scalar(self, name: str) -> int:
         """Column of a scalar field (see :data:`SCALARS`, plus ``cf_dropped@<cf>``)."""
         return self._scalar_index[name]
@@ -136,7 +141,13 @@ def forward_update(
             scalars["z_sum"] = sums_C[e + 2]
 
     weight_A = valid_T.index_select(0, routing.token_idx_A)
+    # An expert index outside [0, E) (some routers mark "no expert" with -1 or E) is not an assignment. Masking it
+    # instead of indexing with it matters on CUDA, where an out-of-range index is a device-side assert that ends the
+    # process, and checking for one would need a host sync.
     expert_idx_A = routing.expert_idx_A
+    in_range_A = (expert_idx_A >= 0) & (expert_idx_A < e)
+    weight_A = weight_A * in_range_A
+    expert_idx_A = expert_idx_A.clamp(0, e - 1)
     counts_E = torch.zeros(e, device=device).index_add_(0, expert_idx_A, weight_A)
     tokens = valid_T.sum()
     scalars["tokens"] = tokens
@@ -165,7 +176,7 @@ def forward_update(
     scalar_values = [zero if v is None else v for v in scalars.values()]
     scalar_values += cf_dropped or [zero] * len(layout.capacity_factors)
     parts.append(torch.stack(scalar_values))
-    return torch.cat(parts).double()
+    return torch.cat(parts).to(torch.float32 if device.type == "mps" else torch.float64)  # MPS has no float64
 
 
 def _pad(values_E: torch.Tensor, width: int) -> torch.Tensor:

@@ -49,10 +49,13 @@ EXPERT_COLUMNS: tuple[str, ...] = ("step", "phase", "layer", "layer_name", "expe
 _STATE_VERSION = 1
 
 
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def _in_backward() -> bool:
     # Activation checkpointing re-runs forwards inside the autograd engine during backward (both the reentrant
     # and the non-reentrant implementation); a real forward never runs inside a graph task.
-    return torch._C._current_graph_task_id() != -1
+    return _graph_task_id() != -1
 
 
 class RouterMonitor:
@@ -165,7 +168,7 @@ class RouterMonitor:
             # A buffer first touched by a validation forward under inference mode (Lightning's default) must still
             # be a normal tensor, or resetting it in collect() would fail outside inference mode.
             with torch.inference_mode(False):
-                buffer = torch.zeros(len(self.layers), self.layout.width, dtype=torch.float64, device=device)
+                buffer = torch.zeros(len(self.layers), self.layout.width, dtype=_buffer_dtype(device), device=device)
             window[device] = buffer
         return buffer
 
@@ -265,12 +268,13 @@ class RouterMonitor:
         if buffers:
             total = buffers[0] if len(buffers) == 1 else torch.stack([b.to(buffers[0].device) for b in buffers]).sum(0)
         else:
-            total = torch.zeros(len(self.layers), self.layout.width, dtype=torch.float64, device=self._home_device())
+            device = self._home_device()
+            total = torch.zeros(len(self.layers), self.layout.width, dtype=_buffer_dtype(device), device=device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_backend() == "nccl" and total.device.type != "cuda":
                 total = total.to(torch.device("cuda", torch.cuda.current_device()))
             torch.distributed.all_reduce(total)
-        host_LF = total.to("cpu", copy=True)
+        host_LF = total.to("cpu", torch.float64, copy=True)
         for buffer in buffers:
             buffer.zero_()
         return host_LF
@@ -291,7 +295,7 @@ class RouterMonitor:
         layout = self.layout
         host_LF = self._reduce(phase)
         num_experts_L = torch.tensor([layer.num_experts for layer in self.layers])
-        column = {name: host_LF[:, layout.scalar(name)] for name in layout._scalar_index}
+        column = {name: host_LF[:, layout.scalar(name)] for name in layout.scalar_names}
         counts_LE = host_LF[:, layout.counts]
         disabled_L = torch.tensor([i in self._disabled for i in range(len(self.layers))])
         stat_values = stats.compute(
@@ -434,6 +438,11 @@ class RouterMonitor:
 
     def __repr__(self) -> str:
         return f"RouterMonitor({len(self.layers)} routers: {[layer.name for layer in self.layers][:4]}...)"
+
+
+def _buffer_dtype(device: torch.device) -> torch.dtype:
+    # float64 counts are exact to 2**53; Apple's MPS has no float64, float32 there is exact to 2**24 per window.
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _record(snapshot: Snapshot) -> dict[str, Any]:
