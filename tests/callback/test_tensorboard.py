@@ -80,3 +80,27 @@ def test_alerts_reach_on_alert_and_critical_one_stops_every_rank(tb_run) -> None
     assert set(events.rule) >= {"load_entropy", "max_violation"}
     saved = Path(logger.log_dir, "moe_monitor", "events.csv").read_text()
     assert "load_entropy" in saved
+
+
+def test_without_matplotlib_one_warning_names_the_extra_and_the_rest_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import warnings
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without matplotlib raises on import
+    callback = MoEMonitor(log_every_n_steps=1, detector=None)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, [callback], logger, max_steps=3, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_lm(), make_data())
+    ours = [str(w.message) for w in caught if "moe-monitor[plots]" in str(w.message)]
+    assert len(ours) == 1
+    accumulator = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    accumulator.Reload()
+    assert accumulator.Tags()["images"] == []
+    assert len(accumulator.Histograms("moe/train/expert_load/L00")) == 3
+    assert [e.step for e in accumulator.Scalars("moe/train/load_entropy/L01")] == [1, 2, 3]
