@@ -180,3 +180,12 @@ def test_router_without_probabilities_reports_nan_for_probability_statistics():
     for name in ("aux_loss", "z_loss", "router_entropy", "top1_confidence"):
         assert math.isnan(snap.stats[name][0].item()), name
     assert math.isfinite(snap.stats["load_entropy"][0].item())
+
+
+def test_expert_indices_outside_the_range_are_not_assignments():
+    model = _model()
+    monitor = RouterMonitor(model, routers=[replay_spec("a", E, K)])
+    logits_TE = torch.zeros(3, E)
+    idx_TK = torch.tensor([[0, -1], [E, 1], [1, 2]])
+    model["a"](logits_TE, idx_TK)
+    assert monitor.collect(step=0).counts[0].tolist() == [1, 2, 1, 0, 0]

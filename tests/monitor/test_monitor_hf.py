@@ -181,3 +181,23 @@ def test_old_style_linear_gate_recomputes_top_k_from_logits():
     ]
     logits = model(torch.randn(9, 8))
     assert monitor.collect(step=0).counts.tolist() == [_topk_counts(lg, 2) for lg in logits]
+
+
+def test_gradient_checkpointing_of_a_transformers_model_counts_each_forward_once():
+    model = _decoder("mixtral")
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        expected = [_topk_counts(logits, 2) for logits in model(ids, output_router_logits=True).router_logits]
+    model.train()
+    (
+        model.activation_checkpointing_enable
+        if hasattr(model, "activation_checkpointing_enable")
+        else model.gradient_checkpointing_enable
+    )()
+    monitor = RouterMonitor(model)
+    calls = []
+    model.model.layers[0].mlp.gate.register_forward_hook(lambda *args: calls.append(1))
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == 2, "the gate must be recomputed in backward for this test to mean anything"
+    assert monitor.collect(step=0).counts.tolist() == expected
