@@ -161,8 +161,10 @@ def forward_update(
     if layout.coactivation:
         coact = counts_E.new_zeros(width, width)
         if coactivation:
-            dispatch_TE = torch.zeros(num_tokens, e, device=device)
-            dispatch_TE.index_put_((routing.token_idx_A, expert_idx_A), weight_A, accumulate=True)
+            # index_add_ into the flattened [T, E] dispatch matrix: known sync-free on CUDA, like the counts above.
+            flat_idx_A = routing.token_idx_A * e + expert_idx_A
+            dispatch_TE = torch.zeros(num_tokens * e, device=device).index_add_(0, flat_idx_A, weight_A)
+            dispatch_TE = dispatch_TE.view(num_tokens, e)
             coact[:e, :e] = dispatch_TE.T @ dispatch_TE
         parts.append(coact.reshape(-1))
 
