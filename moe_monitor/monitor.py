@@ -140,7 +140,9 @@ class RouterMonitor:
                     update_F = forward_update(
                         routing,
                         layer.num_experts,
-                        layer.top_k,
+                        # k from the shapes (A = T * k for token choice): follows a router whose top_k a controller
+                        # changes between steps.
+                        routing.expert_idx_A.numel() // max(routing.num_tokens, 1),
                         self.layout,
                         mask_T=self._mask_for(routing.num_tokens, routing.expert_idx_A.device),
                         coactivation=self._coactivation[index],
