@@ -23,20 +23,37 @@ from moe_monitor.sinks.images import heatmap_image
 from moe_monitor.sinks.scalars import SUMMARY_NAMES, layer_labels, stat_key, summary_key
 from moe_monitor.snapshot import STAT_NAMES, Snapshot
 
+# Chart titles of the CUSTOM SCALARS tab, most telling first: how to read each line at a glance.
+CHART_TITLES: dict[str, str] = {
+    "load_entropy": "load_entropy (1 = balanced, 0 = one expert)",
+    "max_violation": "max_violation (busiest expert / mean - 1)",
+    "dead_experts": "dead_experts (unused in the window)",
+    "top1_confidence": "top1_confidence (mean top-1 router probability)",
+    "router_entropy": "router_entropy (1 = uniform router)",
+    "aux_loss": "aux_loss (= top_k when balanced)",
+    "z_loss": "z_loss (router logit size)",
+    "dropped_fraction": "dropped_fraction (over capacity)",
+    "cv": "cv (std / mean of counts)",
+    "gini": "gini (0 = equal counts)",
+}
+
 
 def custom_scalars_layout(phases: Sequence[str] = ("train", "val")) -> dict[str, dict[str, list[Any]]]:
-    """The CUSTOM SCALARS layout: per phase one multi-line chart per statistic across layers.
+    """The CUSTOM SCALARS layout: per phase one multi-line chart per statistic, one line per layer.
 
     Example:
         >>> layout = custom_scalars_layout(["train"])
-        >>> layout["moe/train"]["load_entropy"]
+        >>> layout["moe/train"]["load_entropy (1 = balanced, 0 = one expert)"]
         ['Multiline', ['moe/train/load_entropy/L\\\\d+']]
         >>> layout["moe/train (all layers)"]["min_load_entropy"]
         ['Multiline', ['moe/train/all/min_load_entropy']]
     """
+    order = [stat for stat in CHART_TITLES if stat in STAT_NAMES] + [s for s in STAT_NAMES if s not in CHART_TITLES]
     layout: dict[str, dict[str, list[Any]]] = {}
     for phase in phases:
-        layout[f"moe/{phase}"] = {stat: ["Multiline", [stat_key(phase, stat, r"L\d+")]] for stat in STAT_NAMES}
+        layout[f"moe/{phase}"] = {
+            CHART_TITLES.get(stat, stat): ["Multiline", [stat_key(phase, stat, r"L\d+")]] for stat in order
+        }
         layout[f"moe/{phase} (all layers)"] = {
             name: ["Multiline", [summary_key(phase, name)]] for name in SUMMARY_NAMES
         }
