@@ -7,7 +7,7 @@ Example:
     >>> from moe_monitor.reference import MoEConfig, MoETransformer
     >>> model = MoETransformer(MoEConfig.from_preset("tiny"))
     >>> [name for name, _ in model.named_modules() if name.endswith("router")]
-    ['blocks.0.moe.router', 'blocks.1.moe.router']
+    ['blocks.0.moe.router', 'blocks.1.moe.router', 'blocks.2.moe.router', 'blocks.3.moe.router']
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
 
     Example:
         >>> [round(warmup_cosine(s, 10, 110), 3) for s in (0, 5, 10, 60, 110, 200)]
-        [0.1, 0.55, 1.0, 0.55, 0.1, 0.1]
+        [0.1, 0.6, 1.0, 0.55, 0.1, 0.1]
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
