@@ -370,17 +370,29 @@ class RouterMonitor:
 
         Columns: :data:`EXPERT_COLUMNS`; ``load = count / assignments`` of the layer (NaN for an empty window).
         """
+        import numpy as np
         import pandas as pd
 
-        rows = []
+        # Vectorised per window: a long run has millions of (window, layer, expert) rows.
+        columns: dict[str, list] = {name: [] for name in EXPERT_COLUMNS}
         for record in self._history:
-            for i, name in enumerate(record["layer_names"]):
-                counts = record["counts"][i][: record["num_experts"][i]]
-                total = sum(counts)
-                for expert, count in enumerate(counts):
-                    load = count / total if total else math.nan
-                    rows.append((record["step"], record["phase"], i, name, expert, count, load))
-        return pd.DataFrame(rows, columns=list(EXPERT_COLUMNS))
+            counts_LE = np.asarray(record["counts"], dtype=np.int64).reshape(len(record["layer_names"]), -1)
+            own_LE = np.arange(counts_LE.shape[1]) < np.asarray(record["num_experts"])[:, None]
+            layer_R, expert_R = np.nonzero(own_LE)
+            total_L = counts_LE.sum(axis=1)
+            count_R = counts_LE[layer_R, expert_R]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                load_R = np.where(total_L[layer_R] > 0, count_R / np.maximum(total_L[layer_R], 1), np.nan)
+            columns["step"].append(np.full(len(layer_R), record["step"], dtype=np.int64))
+            columns["phase"].append(np.full(len(layer_R), record["phase"], dtype=object))
+            columns["layer"].append(layer_R.astype(np.int64))
+            columns["layer_name"].append(np.asarray(record["layer_names"], dtype=object)[layer_R])
+            columns["expert"].append(expert_R.astype(np.int64))
+            columns["count"].append(count_R)
+            columns["load"].append(load_R.astype(np.float64))
+        if not self._history:
+            return pd.DataFrame({name: [] for name in EXPERT_COLUMNS})
+        return pd.DataFrame({name: np.concatenate(parts) for name, parts in columns.items()})
 
     def save(self, path: str | os.PathLike) -> list[str]:
         """Writes the history into directory ``path``: ``layers.csv``, ``experts.csv``, and ``.parquet`` twins
