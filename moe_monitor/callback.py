@@ -425,12 +425,15 @@ class MoEMonitor(Callback):
     # ------------------------------------------------------------------------------------------------- end
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._phase_scope.close()
-        if stage == "fit" and trainer.is_global_zero and self.monitor is not None:
-            layer_frame, event_frame = self.layer_frame(), self.event_frame()
-            for sink in self._sinks:
-                self._safely(f"finish the {sink.name} sink", sink.finish, layer_frame, event_frame)
-            if self.save_frames:
-                self._safely("save the history", self._save, trainer)
+        if stage == "fit" and self.monitor is not None:
+            # `trainer.log_dir` is a broadcast: every process must ask for it, not only the one that writes.
+            root = (trainer.log_dir or trainer.default_root_dir) if self.save_frames else None
+            if trainer.is_global_zero:
+                layer_frame, event_frame = self.layer_frame(), self.event_frame()
+                for sink in self._sinks:
+                    self._safely(f"finish the {sink.name} sink", sink.finish, layer_frame, event_frame)
+                if root is not None:
+                    self._safely("save the history", self._save, os.path.join(root, "moe_monitor"))
         self._detach()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -444,13 +447,10 @@ class MoEMonitor(Callback):
         self._hooked = self._controllers_ready = False
         self._sinks = []
 
-    def _save(self, trainer: pl.Trainer) -> str:
+    def _save(self, path: str) -> None:
         assert self.monitor is not None
-        root = trainer.log_dir or trainer.default_root_dir
-        path = os.path.join(root, "moe_monitor")
         self.monitor.save(path)
         self.event_frame().to_csv(os.path.join(path, "events.csv"), index=False)
-        return path
 
     # ------------------------------------------------------------------------------------------------- helpers
     def _set_mask(self, batch: Any) -> None:

@@ -112,3 +112,26 @@ def test_gradient_accumulation_counts_like_the_large_batch(tmp_path: Path) -> No
     assert accumulated["count"].tolist() == large_batch["count"].tolist()
     per_window = accumulated.groupby(["step", "layer"])["count"].sum()
     assert (per_window == 2 * 4 * SEQ_LEN * 2).all()  # 2 optimizer steps x 4 samples x S tokens x top-2
+
+
+class LazyLM(LMWithTestStep):
+    """Builds its transformer in ``configure_model``, which Lightning calls after the callbacks' ``setup``."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config, warmup_steps=1)
+        del self.model
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "model"):
+            from moe_monitor.reference import MoETransformer
+
+            self.model = MoETransformer(self.config)
+
+
+def test_routers_built_in_configure_model_are_found_when_fit_starts(tmp_path: Path) -> None:
+    lm = LazyLM(make_lm().config)
+    callback = MoEMonitor(log_every_n_steps=2, detector=None)
+    trainer = make_trainer(tmp_path, [callback], max_steps=2, limit_val_batches=0)
+    trainer.fit(lm, make_data())
+    assert callback.layer_frame().step.tolist() == [2, 2]
+    assert all(not router._forward_hooks for router in routers_of(lm))
