@@ -189,3 +189,19 @@ def test_expert_indices_outside_the_range_are_not_assignments():
     idx_TK = torch.tensor([[0, -1], [E, 1], [1, 2]])
     model["a"](logits_TE, idx_TK)
     assert monitor.collect(step=0).counts[0].tolist() == [1, 2, 1, 0, 0]
+
+
+def test_layers_with_different_expert_counts_share_one_buffer():
+    model = _model()
+    monitor = RouterMonitor(model, routers=[replay_spec("a", 3, 1), replay_spec("b", 5, 2)])
+    model["a"](torch.zeros(4, 3), torch.tensor([[0], [0], [2], [0]]))
+    model["b"](torch.zeros(2, 5), torch.tensor([[4, 3], [3, 0]]))
+    snap = monitor.collect(step=0)
+    assert snap.counts.tolist() == [[3, 0, 1, 0, 0], [1, 0, 0, 2, 1]]
+    # Layer "a" has 3 experts: its zero-padded columns are not dead experts.
+    assert snap.stats["dead_experts"].tolist() == [1.0, 2.0]
+    assert snap.stats["max_violation"][0].item() == pytest.approx(3 / (4 / 3) - 1)
+    frame = monitor.expert_frame()
+    assert frame.groupby("layer").size().tolist() == [3, 5]
+    assert snap.extras["coactivation"][1, 3].tolist() == [1, 0, 0, 2, 1]
+    assert math.isnan(snap.extras["coactivation"][0, 0, 0].item())  # top-1 layer: no co-activation

@@ -39,7 +39,12 @@ def _worker(rank: int, world_size: int, port: int, results) -> None:
         for name in ("a", "b"):
             model[name](torch.zeros(rank + 1, 3), idx_TK)
         snap = monitor.collect(step=1)
-        results[rank] = (snap.counts.tolist(), snap.tokens.tolist(), len(calls))
+        # A phase that only rank 0 ran: rank 1 has no window buffer yet and must still join the collective.
+        if rank == 0:
+            with monitor.phase("val"):
+                model["a"](torch.zeros(2, 3), torch.tensor([[2], [2]]))
+        val = monitor.collect(step=1, phase="val")
+        results[rank] = (snap.counts.tolist(), snap.tokens.tolist(), len(calls), val.counts.tolist())
     finally:
         dist.destroy_process_group()
 
@@ -53,7 +58,8 @@ def test_collect_reduces_across_two_processes():
         results = dict(results)
     expected_counts = [[1, 2, 0], [1, 2, 0]]
     for rank in (0, 1):
-        counts, tokens, all_reduce_calls = results[rank]
+        counts, tokens, all_reduce_calls, val_counts = results[rank]
         assert counts == expected_counts
         assert tokens == [3, 3]
-        assert all_reduce_calls == 1
+        assert all_reduce_calls == 2  # one per collect, for all layers together
+        assert val_counts == [[0, 0, 2], [0, 0, 0]]
