@@ -159,6 +159,7 @@ class _ScalarKnob:
     layers: tuple[str, ...]
     base: float
     value: float
+    quiet: int = 0  # windows since a trigger last fired on one of ``layers``
 
     def write(self, value: float) -> None:
         self.value = value
@@ -174,9 +175,10 @@ class AuxLossController(Controller):
     """Multiplies the load-balancing loss coefficient while a collapse alert fires, then decays it back.
 
     Per window: if an alert in ``triggers`` fires on a layer the knob serves, ``coef <- min(max(coef * growth,
-    floor), max_coef)`` (the floor lets it start from a model trained without aux loss); otherwise the
-    coefficient decays geometrically toward its original value, ``coef <- base + (coef - base) * decay``, and snaps
-    to ``base`` once within 5 % of ``max(base, floor)``.
+    floor), max_coef)`` (the floor lets it start from a model trained without aux loss). Once no trigger has fired
+    for ``hold`` windows, the coefficient decays geometrically toward its original value, ``coef <- base +
+    (coef - base) * decay``, and snaps to ``base`` once within 5 % of ``max(base, floor)`` (or, for a base below
+    the floor, once under the floor). If the collapse returns, the alert fires again and the coefficient grows again.
 
     Args:
         growth: factor per collapsing window. 2.0 reaches the cap from 1e-2 in 4 windows.
@@ -184,6 +186,8 @@ class AuxLossController(Controller):
             re-trigger the collapse the higher coefficient just cured.
         floor: coefficient used when the base is 0 (or smaller). 1e-2, the Switch Transformer value.
         max_coef: cap. 0.1: beyond it the balancing term starts to dominate the language-model loss.
+        hold: healthy windows before the decay starts. 10: the router needs time to settle on the balanced
+            routing the higher coefficient produced; decaying at once brings the collapse straight back.
         triggers: detector rules that count as collapse.
 
     Logged metrics:
@@ -215,16 +219,19 @@ class AuxLossController(Controller):
         decay: float = 0.8,
         floor: float = 1e-2,
         max_coef: float = 0.1,
+        hold: int = 10,
         triggers: Iterable[str] = (*COLLAPSE_RULES, "dropped_fraction"),
     ) -> None:
         super().__init__(triggers)
         if growth <= 1:
             raise ValueError(f"growth={growth} must exceed 1.")
+        if hold < 0:
+            raise ValueError(f"hold={hold} must be a non-negative number of windows.")
         if not 0 <= decay < 1:
             raise ValueError(f"decay={decay} must be in [0, 1).")
         if floor <= 0 or max_coef < floor:
             raise ValueError(f"need 0 < floor <= max_coef, got floor={floor}, max_coef={max_coef}.")
-        self.growth, self.decay, self.floor, self.max_coef = growth, decay, floor, max_coef
+        self.growth, self.decay, self.floor, self.max_coef, self.hold = growth, decay, floor, max_coef, hold
         self.knobs: list[_ScalarKnob] = []
 
     def _bind(self, model: nn.Module, monitor: Any) -> None:
@@ -263,14 +270,15 @@ class AuxLossController(Controller):
         events = []
         for knob in self.knobs:
             old = knob.value
-            if self.firing(knob.layers):
+            knob.quiet = 0 if self.firing(knob.layers) else knob.quiet + 1
+            if knob.quiet == 0:
                 new = min(max(old * self.growth, self.floor), max(self.max_coef, knob.base))
                 why = "a collapse alert is firing"
-            elif old != knob.base:
+            elif old != knob.base and knob.quiet > self.hold:
                 new = knob.base + (old - knob.base) * self.decay
-                if abs(new - knob.base) < 0.05 * max(knob.base, self.floor):
+                if new - knob.base < 0.05 * max(knob.base, self.floor) or (knob.base < self.floor > new):
                     new = knob.base
-                why = "the layer recovered; decaying back to its original value"
+                why = f"no collapse alert for {knob.quiet} windows; decaying back to the original value"
             else:
                 continue
             if new != old:
@@ -295,13 +303,13 @@ class AuxLossController(Controller):
         return out
 
     def _knob_state(self) -> dict[str, Any]:
-        return {"knobs": {k.label: {"base": k.base, "value": k.value} for k in self.knobs}}
+        return {"knobs": {k.label: {"base": k.base, "value": k.value, "quiet": k.quiet} for k in self.knobs}}
 
     def _load_knob_state(self, state: dict[str, Any]) -> None:
         for knob in self.knobs:
             saved = state.get("knobs", {}).get(knob.label)
             if saved is not None:
-                knob.base = float(saved["base"])
+                knob.base, knob.quiet = float(saved["base"]), int(saved["quiet"])
                 knob.write(float(saved["value"]))
 
 
@@ -315,6 +323,7 @@ class _NoiseKnob:
     base_std: float
     kind: str = field(default="none")
     std: float = 0.0
+    quiet: int = 0
 
     def write(self, kind: str, std: float) -> None:
         self.kind, self.std = kind, std
@@ -332,8 +341,8 @@ class RouterNoiseController(Controller):
 
     Noise makes the router try experts it has stopped choosing, so they get gradient again. Per window on a
     collapsing layer ``std <- min(max(std * growth, start_std), max_std)`` with the noise switched to ``kind``;
-    otherwise ``std <- std * decay`` until it falls below ``start_std`` (or the original level), when the
-    layer's original noise setting is restored.
+    after ``hold`` windows without a trigger, ``std <- std * decay`` until it falls below ``start_std`` (or the
+    original level), when the layer's original noise setting is restored.
 
     Args:
         kind: ``"gaussian"`` (additive noise on the router logits; reference model) or ``"jitter"``
@@ -345,7 +354,8 @@ class RouterNoiseController(Controller):
         max_std: cap; default 0.5 for both kinds (a gaussian std of 0.5 reshuffles close top-k choices but not
             confident ones; jitter beyond 50 % would distort the token representation itself).
         growth: factor per collapsing window.
-        decay: factor per healthy window.
+        decay: factor per healthy window after ``hold``.
+        hold: healthy windows before the annealing starts (10, as for :class:`AuxLossController`).
         triggers: detector rules that count as collapse.
 
     Logged metrics:
@@ -361,6 +371,7 @@ class RouterNoiseController(Controller):
         max_std: float | None = None,
         growth: float = 2.0,
         decay: float = 0.7,
+        hold: int = 10,
         triggers: Iterable[str] = ("load_entropy", "dead_experts", "saturation"),
     ) -> None:
         super().__init__(triggers)
@@ -369,7 +380,9 @@ class RouterNoiseController(Controller):
         if growth <= 1 or not 0 <= decay < 1:
             raise ValueError(f"need growth > 1 and 0 <= decay < 1, got growth={growth}, decay={decay}.")
         self.kind, self.start_std, self.max_std = kind, start_std, max_std
-        self.growth, self.decay = growth, decay
+        if hold < 0:
+            raise ValueError(f"hold={hold} must be a non-negative number of windows.")
+        self.growth, self.decay, self.hold = growth, decay, hold
         self.knobs: list[_NoiseKnob] = []
 
     def _bind(self, model: nn.Module, monitor: Any) -> None:
@@ -414,15 +427,16 @@ class RouterNoiseController(Controller):
             start = self.start_std if self.start_std is not None else start
             cap = self.max_std if self.max_std is not None else cap
             restored = (knob.base_kind, knob.base_std)
-            if self.firing(knob.layers):
+            knob.quiet = 0 if self.firing(knob.layers) else knob.quiet + 1
+            if knob.quiet == 0:
                 level = old_std if old_kind == kind else 0.0
                 new = (kind, min(max(level * self.growth, start), max(cap, start)))
                 why = "a collapse alert is firing"
-            elif (old_kind, old_std) != restored:
+            elif (old_kind, old_std) != restored and knob.quiet > self.hold:
                 std = old_std * self.decay
                 floor = max(start, knob.base_std if old_kind == knob.base_kind else 0.0)
                 new = restored if std < floor else (old_kind, std)
-                why = "the layer recovered; annealing"
+                why = f"no collapse alert for {knob.quiet} windows; annealing"
             else:
                 continue
             if new != (old_kind, old_std):
@@ -449,7 +463,13 @@ class RouterNoiseController(Controller):
     def _knob_state(self) -> dict[str, Any]:
         return {
             "knobs": {
-                k.label: {"base_kind": k.base_kind, "base_std": k.base_std, "kind": k.kind, "std": k.std}
+                k.label: {
+                    "base_kind": k.base_kind,
+                    "base_std": k.base_std,
+                    "kind": k.kind,
+                    "std": k.std,
+                    "quiet": k.quiet,
+                }
                 for k in self.knobs
             }
         }
@@ -458,7 +478,11 @@ class RouterNoiseController(Controller):
         for knob in self.knobs:
             saved = state.get("knobs", {}).get(knob.label)
             if saved is not None:
-                knob.base_kind, knob.base_std = saved["base_kind"], float(saved["base_std"])
+                knob.base_kind, knob.base_std, knob.quiet = (
+                    saved["base_kind"],
+                    float(saved["base_std"]),
+                    int(saved["quiet"]),
+                )
                 knob.write(saved["kind"], float(saved["std"]))
 
 
@@ -536,7 +560,8 @@ class ExpertBiasController(Controller):
         prev = self._prev_counts_LE
         step_counts_LE = counts_LE if prev is None else counts_LE - prev
         self._prev_counts_LE = counts_LE.clone()
-        step_counts_LE = step_counts_LE.clone()
+        # A fresh contiguous tensor: the collective needs one, and the live window view must stay untouched.
+        step_counts_LE = step_counts_LE.clone(memory_format=torch.contiguous_format)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(step_counts_LE)
         with torch.no_grad():

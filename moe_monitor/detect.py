@@ -171,6 +171,9 @@ class CollapseDetector:
             ``z_loss_history`` windows of the same layer and phase. 3.0: z-loss drifts slowly as logits grow;
             tripling within a few windows means the logits are running away, the usual precursor of divergence.
         z_loss_history: windows in the running median; the rule waits for at least ``max(4, z_loss_history//4)``.
+        z_loss_min: no spike is called while the z-loss is below this. 10 means a logsumexp of about 3, the
+            size of ordinary logits (zero logits over 8 experts give 4.3); small z-losses have noisy ratios and
+            cannot hurt numerically.
         saturation_confidence: with ``saturation_load_entropy``, alert when the mean top-1 router probability is at
             least this *and* the load entropy is below ``saturation_load_entropy``: the softmax is nearly one-hot
             on few experts, so its gradient vanishes and the collapse locks in. 0.9: healthy top-2 routers of
@@ -205,6 +208,7 @@ class CollapseDetector:
         nonfinite: bool = True,
         z_loss_spike: float | None = 3.0,
         z_loss_history: int = 16,
+        z_loss_min: float = 10.0,
         saturation_confidence: float | None = 0.9,
         saturation_load_entropy: float = 0.8,
         patience: int = 3,
@@ -244,6 +248,7 @@ class CollapseDetector:
         self.nonfinite = nonfinite
         self.z_loss_spike = z_loss_spike
         self.z_loss_history = z_loss_history
+        self.z_loss_min = z_loss_min
         self.saturation_confidence = saturation_confidence
         self.saturation_load_entropy = saturation_load_entropy
         self.patience = patience
@@ -397,6 +402,8 @@ class CollapseDetector:
                 median = statistics.median(history)
                 ratio = z / median if median > 0 else math.inf
                 verdicts["z_loss_spike"] = self._upper_bound(ratio, self.z_loss_spike, ())
+                if verdicts["z_loss_spike"].status == _BREACH and z < self.z_loss_min:
+                    verdicts["z_loss_spike"].status = _BETWEEN
                 verdicts["z_loss_spike"].detail = f"z-loss {z:.3g} against a running median of {median:.3g}"
 
         if self.saturation_confidence is not None:
