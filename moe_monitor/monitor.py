@@ -292,7 +292,12 @@ class RouterMonitor:
             phase: which window to close (``"train"``, ``"val"`` or a name given to :meth:`phase`).
 
         Returns:
-            The window's :class:`~moe_monitor.snapshot.Snapshot` (CPU tensors).
+            The window's :class:`~moe_monitor.snapshot.Snapshot` (CPU tensors). Its ``extras``:
+            ``"assignments"`` ``[L]``; ``"counterfactual_drop@<cf>"`` ``[L]``, the fraction of assignments a capacity
+            of ``ceil(T / E * k * cf)`` per forward would have dropped (``T`` the forward's counted tokens; NaN for
+            routers that have a real capacity, and for expert choice); ``"coactivation"`` ``[L, E, E]`` (when
+            enabled), entry ``[l, e, f]`` = tokens that chose both ``e`` and ``f``, the diagonal being the counts
+            (NaN for top-1 layers).
         """
         layout = self.layout
         host_LF = self._reduce(phase)
