@@ -203,3 +203,16 @@ def test_remove_and_context_manager_detach_every_hook():
     model(torch.randn(1, 2, 8))
     assert monitor.collect(step=0).tokens.tolist() == [2, 2]
     assert all(not block.router._forward_hooks for block in model.blocks)
+
+
+@pytest.mark.slow
+def test_torch_compile_traced_model_counts_like_eager():
+    torch.manual_seed(7)
+    model = ToyModel()
+    x_BSD = torch.randn(2, 5, 8)
+    expected = _expected_counts(model, x_BSD)
+    monitor = _monitor(model)
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(2):
+        compiled(x_BSD).sum().backward()
+    assert monitor.collect(step=0).counts.tolist() == [[2 * c for c in layer] for layer in expected]
