@@ -66,7 +66,7 @@ class MoEMonitor(Callback):
     - ``moe/<phase>/all/layers_with_dead_experts``: layers with an expert that got no token in the window.
     - ``moe/<phase>/load/<LL>/E<EE>``: each expert's share of its layer's assignments, only with
       ``log_expert_loads=True``.
-    - Each controller's :meth:`metrics`, e.g. ``controller/aux_loss_coef``, per training window.
+    - Each controller's ``metrics()``, e.g. ``controller/aux_loss/max_coef``, per training window.
 
     TensorBoard also gets ``moe/<phase>/expert_load/<LL>`` histograms (one bucket per expert),
     ``moe/<phase>/load_heatmap`` images, a CUSTOM SCALARS layout with one chart per statistic across layers,
@@ -361,8 +361,10 @@ class MoEMonitor(Callback):
 
     def _train_window(self, trainer: pl.Trainer, step: int) -> None:
         assert self.monitor is not None
-        snapshot = self.monitor.collect(step, "train")
         self._last_window_step = step
+        snapshot = self._safely("close the training window", self.monitor.collect, step, "train")
+        if snapshot is None:
+            return
         events: list[CollapseEvent] = []
         if self.detector is not None:
             events += self._safely("run the collapse detector", self.detector.update, snapshot) or []
@@ -417,8 +419,8 @@ class MoEMonitor(Callback):
     def _eval_window(self, trainer: pl.Trainer, phase: str) -> None:
         assert self.monitor is not None
         self._set_mask(None)
-        snapshot = self.monitor.collect(trainer.global_step, phase)
-        if trainer.is_global_zero:
+        snapshot = self._safely(f"close the {phase} window", self.monitor.collect, trainer.global_step, phase)
+        if snapshot is not None and trainer.is_global_zero:
             metrics = self._safely("compute scalars", scalar_metrics, snapshot, self.log_expert_loads) or {}
             self._publish(snapshot, metrics, [])
 
