@@ -201,3 +201,24 @@ def test_gradient_checkpointing_of_a_transformers_model_counts_each_forward_once
     model(ids, labels=ids).loss.backward()
     assert len(calls) == 2, "the gate must be recomputed in backward for this test to mean anything"
     assert monitor.collect(step=0).counts.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8)), id="qwen3_moe"),
+        pytest.param(lambda: transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            **COMMON, num_local_experts=4, num_experts_per_tok=2, head_dim=8)), id="gpt_oss"),
+        pytest.param(lambda: transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+            **COMMON, num_local_experts=4, num_experts_per_tok=1, head_dim=8, intermediate_size_mlp=32)), id="llama4"),
+    ],
+)  # fmt: skip
+def test_other_families_following_the_registry_contract_work_unchanged(family):
+    torch.manual_seed(0)
+    model = family()
+    monitor = RouterMonitor(model)
+    assert len(monitor.layers) == 2
+    out = model(torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6)), output_router_logits=True)
+    expected = [_topk_counts(logits, layer.top_k) for logits, layer in zip(out.router_logits, monitor.layers)]
+    assert monitor.collect(step=0).counts.tolist() == expected
