@@ -346,6 +346,9 @@ class CollapseDetector:
         assignments = float(counts_E.sum())
         loads = (counts_E / assignments).tolist() if assignments > 0 else [math.nan] * num_experts
         stat = {name: float(values[index]) for name, values in snap.stats.items()}
+        if assignments <= 0:  # an empty window says nothing about the load, whatever a statistic reads
+            for name in ("load_entropy", "max_violation", "dropped_fraction"):
+                stat[name] = math.nan
         hot = self._hot_experts(loads, num_experts)
         verdicts: dict[str, _Verdict] = {}
         h = self.hysteresis
@@ -597,7 +600,8 @@ def make_snapshot(
         if name in stats:
             all_stats[name] = torch.as_tensor(stats[name], dtype=torch.float64)
         else:
-            all_stats[name] = computed.get(name, nan_L).double()
+            # SPEC §3: an empty window has NaN statistics, never a made-up 0.
+            all_stats[name] = torch.where(assignments_L > 0, computed.get(name, nan_L).double(), nan_L)
     return Snapshot(
         step=step,
         phase=phase,

@@ -1,0 +1,263 @@
+"""CollapseDetector on hand-built snapshots: every rule, patience, hysteresis, guards, phases and state."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent, dead_expert_probability, make_snapshot
+
+BALANCED = [[1000] * 8]
+# Expert 0 takes 3/4 of 8000 assignments, the rest share 1/4: MaxVio 5, entropy ~0.52, no dead experts.
+SKEWED = [[6000] + [2000 // 7] * 6 + [2000 - 6 * (2000 // 7)]]
+
+
+def only(detector: CollapseDetector, keep: str) -> CollapseDetector:
+    """Switches off every rule but ``keep`` (so a test sees one rule's events)."""
+    off = {
+        "load_entropy": "min_load_entropy",
+        "max_violation": "max_violation",
+        "dead_experts": "dead_expert_p",
+        "dropped_fraction": "max_dropped_fraction",
+        "z_loss_spike": "z_loss_spike",
+        "saturation": "saturation_confidence",
+    }
+    for rule, attr in off.items():
+        if rule != keep:
+            setattr(detector, attr, None)
+    if keep != "nonfinite_logits":
+        detector.nonfinite = False
+    return detector
+
+
+def feed(detector: CollapseDetector, counts, n: int, start: int = 1, **kwargs) -> list[list[CollapseEvent]]:
+    return [detector.update(make_snapshot(counts, step=start + i, **kwargs)) for i in range(n)]
+
+
+def entropy(counts: list[int]) -> float:
+    total = sum(counts)
+    return -sum(c / total * math.log(c / total) for c in counts if c) / math.log(len(counts))
+
+
+def test_make_snapshot_statistics_match_formulas():
+    snap = make_snapshot(SKEWED, top_k=2)
+    counts = SKEWED[0]
+    mean = sum(counts) / len(counts)
+    assert float(snap.stats["max_violation"][0]) == pytest.approx(max(counts) / mean - 1)
+    assert float(snap.stats["load_entropy"][0]) == pytest.approx(entropy(counts))
+    assert int(snap.tokens[0]) == sum(counts) // 2
+
+
+def test_load_entropy_alert_after_patience_with_actionable_message():
+    det = only(CollapseDetector(patience=3), "load_entropy")
+    events = feed(det, SKEWED, 3, layer_names=["blocks.1.moe.router"])
+    assert events[0] == [] and events[1] == []
+    (event,) = events[2]
+    assert (event.kind, event.rule, event.severity, event.step) == ("alert", "load_entropy", "critical", 3)
+    assert event.value == pytest.approx(entropy(SKEWED[0])) and event.threshold == 0.6
+    assert event.experts == (0,)
+    for text in ("blocks.1.moe.router", "0.50 < 0.60", "3 consecutive windows", "expert", "0 (75%)", "Try:"):
+        assert text in event.message
+    assert det.active == {("blocks.1.moe.router", "load_entropy")}
+
+
+def test_patience_needs_consecutive_windows():
+    det = only(CollapseDetector(patience=3), "load_entropy")
+    seq = [SKEWED, SKEWED, BALANCED, SKEWED, SKEWED, BALANCED, SKEWED, SKEWED, SKEWED]
+    fired = [i for i, counts in enumerate(seq) if det.update(make_snapshot(counts, step=i))]
+    assert fired == [8]
+
+
+def test_max_violation_threshold_and_busiest_expert():
+    det = only(CollapseDetector(patience=1, max_violation=2.0), "max_violation")
+    # MaxVio exactly 2.0 (3x the mean) is not above the threshold; 2.2 is.
+    assert det.update(make_snapshot([[300, 100, 100, 100, 100, 100, 0, 0]])) == []  # mean 100 -> MaxVio 2.0
+    (event,) = det.update(make_snapshot([[320, 100, 100, 100, 100, 80, 0, 0]]))  # mean 100 -> 2.2
+    assert event.value == pytest.approx(2.2) and event.experts[0] == 0
+    assert "3.2x its fair share" in event.message
+
+
+def test_dead_experts_only_judged_when_a_fair_share_expert_would_certainly_get_tokens():
+    det = only(CollapseDetector(patience=1, dead_expert_p=1e-6), "dead_experts")
+    # Independent bound: the smallest A with (7/8)^A < 1e-6.
+    a_min = next(a for a in range(1, 1000) if (7 / 8) ** a < 1e-6)
+    assert a_min == 104
+    small = [[a_min - 1 - 6 * 10] + [10] * 6 + [0]]  # a_min - 1 assignments, expert 7 empty
+    assert sum(small[0]) == a_min - 1
+    assert all(ev == [] for ev in feed(det, small, 20))
+    big = [[a_min - 6 * 10] + [10] * 6 + [0]]
+    (event,) = det.update(make_snapshot(big, step=99))
+    assert event.rule == "dead_experts" and event.experts == (7,) and event.value == 1.0
+    assert event.severity == "warning" and "ids [7]" in event.message
+
+
+def test_dead_expert_probability_formula():
+    for e, a in ((8, 10), (16, 300), (64, 2000)):
+        assert dead_expert_probability(e, a) == pytest.approx((1 - 1 / e) ** a, rel=1e-12)
+
+
+def test_many_dead_experts_are_critical():
+    det = only(CollapseDetector(patience=1), "dead_experts")
+    (event,) = det.update(make_snapshot([[500, 500, 500, 500, 0, 0, 0, 0]]))
+    assert event.severity == "critical" and event.experts == (4, 5, 6, 7)
+
+
+def test_dropped_fraction_rule():
+    det = only(CollapseDetector(patience=2, max_dropped_fraction=0.1), "dropped_fraction")
+    assert feed(det, BALANCED, 3, dropped=[800]) == [[], [], []]  # 10 % is not above 10 %
+    events = feed(det, BALANCED, 2, start=10, dropped=[1200])
+    (event,) = events[1]
+    assert event.value == pytest.approx(0.15) and "15.0% of assignments dropped" in event.message
+
+
+def test_nonfinite_logits_alert_immediately_and_critical():
+    det = CollapseDetector(patience=5)
+    (event,) = det.update(make_snapshot(BALANCED, step=7, nonfinite_tokens=[3]))
+    assert (event.rule, event.severity, event.step, event.value) == ("nonfinite_logits", "critical", 7, 3.0)
+    assert "3 tokens" in event.message and "learning rate" in event.message
+
+
+def test_z_loss_spike_against_running_median_and_floor():
+    det = only(CollapseDetector(patience=2, z_loss_spike=3.0, z_loss_min=10.0), "z_loss_spike")
+    for i in range(6):
+        assert det.update(make_snapshot(BALANCED, step=i, z_loss=[5.0 + 0.1 * i])) == []
+    # 4x the median but below the floor: no spike.
+    assert feed(det, BALANCED, 3, start=10, z_loss=[8.0]) == [[], [], []]
+    det = only(CollapseDetector(patience=2, z_loss_spike=3.0, z_loss_min=10.0), "z_loss_spike")
+    for i in range(6):
+        det.update(make_snapshot(BALANCED, step=i, z_loss=[5.0]))
+    first = det.update(make_snapshot(BALANCED, step=6, z_loss=[40.0]))
+    (event,) = det.update(make_snapshot(BALANCED, step=7, z_loss=[40.0]))
+    assert first == [] and event.rule == "z_loss_spike"
+    assert event.value == pytest.approx(40.0 / 5.0)  # median of [5]*6 + [40] is 5
+    assert "z-loss 40" in event.message
+
+
+def test_z_loss_waits_for_history():
+    det = only(CollapseDetector(patience=1, z_loss_history=16), "z_loss_spike")
+    assert [det.update(make_snapshot(BALANCED, step=i, z_loss=[1.0 if i == 0 else 100.0])) for i in range(4)] == [
+        [],
+        [],
+        [],
+        [],
+    ]
+
+
+def test_saturation_needs_both_confidence_and_low_entropy():
+    det = only(CollapseDetector(patience=1, saturation_confidence=0.9, saturation_load_entropy=0.8), "saturation")
+    assert det.update(make_snapshot(BALANCED, top1_confidence=[0.97])) == []  # confident but balanced
+    assert det.update(make_snapshot(SKEWED, top1_confidence=[0.5])) == []  # skewed but not saturated
+    (event,) = det.update(make_snapshot(SKEWED, top1_confidence=[0.97]))
+    assert event.rule == "saturation" and event.value == pytest.approx(0.97) and event.experts == (0,)
+
+
+def test_recovery_needs_hysteresis_and_consecutive_healthy_windows():
+    det = only(CollapseDetector(patience=1, recovery=2, hysteresis=0.1, max_violation=2.0), "max_violation")
+
+    def vio(v: float) -> list[list[int]]:  # expert 0 at (1 + v) x the mean of 8 experts, 800 per expert
+        hot = round(800 * (1 + v))
+        rest = 8 * 800 - hot
+        return [[hot] + [rest // 7] * 6 + [rest - 6 * (rest // 7)]]
+
+    assert det.update(make_snapshot(vio(2.5), step=1))[0].kind == "alert"
+    # 1.9 is below the threshold but above the healthy level 2.0 * 0.9 = 1.8: the alert stays.
+    assert feed(det, vio(1.9), 5, start=2) == [[]] * 5
+    assert det.update(make_snapshot(vio(1.5), step=10)) == []
+    assert det.update(make_snapshot(vio(2.1), step=11)) == []  # breach resets the healthy streak
+    assert det.update(make_snapshot(vio(1.5), step=12)) == []
+    (event,) = det.update(make_snapshot(vio(1.5), step=13))
+    assert (event.kind, event.severity, event.step) == ("recovery", "info", 13)
+    assert "alert raised at step 1" in event.message and det.active == frozenset()
+
+
+def test_value_hovering_at_threshold_does_not_flap():
+    det = only(CollapseDetector(patience=2, recovery=2), "load_entropy")
+    kinds = []
+    for i in range(40):
+        # Alternates between entropy 0.574 and 0.604, around 0.6, never reaching the healthy level 0.66.
+        counts = (
+            SKEWED if i < 2 else [[3200, 3200, 800, 800, 0, 0, 0, 0]] if i % 2 else [[3000, 3000, 1000, 1000] + [0] * 4]
+        )
+        kinds += [e.kind for e in det.update(make_snapshot(counts, step=i))]
+    assert kinds == ["alert"]
+
+
+def test_windows_without_evidence_leave_streaks_unchanged():
+    det = only(CollapseDetector(patience=2), "load_entropy")
+    empty = [[0] * 8]
+    assert det.update(make_snapshot(SKEWED, step=1)) == []
+    assert det.update(make_snapshot(empty, step=2)) == []  # NaN entropy: no evidence
+    assert det.update(make_snapshot(SKEWED, step=3))[0].rule == "load_entropy"
+    full = CollapseDetector()
+    assert feed(full, empty, 10) == [[]] * 10
+
+
+def test_phases_are_separate_and_can_be_filtered():
+    det = only(CollapseDetector(patience=2), "load_entropy")
+    det.update(make_snapshot(SKEWED, step=1, phase="train"))
+    assert det.update(make_snapshot(SKEWED, step=1, phase="val")) == []
+    (event,) = det.update(make_snapshot(SKEWED, step=2, phase="val"))
+    assert event.phase == "val" and det.active_in("val") and not det.active_in("train")
+    train_only = CollapseDetector(patience=1, phases=["train"])
+    assert train_only.update(make_snapshot(SKEWED, phase="val")) == []
+
+
+def test_event_frame_history():
+    det = CollapseDetector(patience=1, recovery=1)
+    det.update(make_snapshot(SKEWED, step=1))
+    det.update(make_snapshot(BALANCED, step=2))
+    frame = det.event_frame()
+    assert list(frame.columns) == list(EVENT_COLUMNS)
+    assert frame[["step", "rule", "kind"]].values.tolist() == [
+        [1, "load_entropy", "alert"],
+        [1, "max_violation", "alert"],
+        [2, "load_entropy", "recovery"],
+        [2, "max_violation", "recovery"],
+    ]
+    assert CollapseDetector().event_frame().empty
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    stream = [SKEWED] * 2 + [BALANCED] * 2 + [SKEWED] * 3 + [BALANCED] * 4
+    z = [12.0, 12.5, 11.0, 12.0, 13.0, 60.0, 70.0, 12.0, 12.0, 12.0, 12.0]
+    kwargs = dict(patience=2, recovery=2)
+    reference = CollapseDetector(**kwargs)
+    ref_events = [reference.update(make_snapshot(c, step=i, z_loss=[zz])) for i, (c, zz) in enumerate(zip(stream, z))]
+
+    first = CollapseDetector(**kwargs)
+    for i in range(5):
+        first.update(make_snapshot(stream[i], step=i, z_loss=[z[i]]))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = CollapseDetector(**kwargs)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.state_dict() == first.state_dict() and resumed.active == first.active
+    later = [resumed.update(make_snapshot(stream[i], step=i, z_loss=[z[i]])) for i in range(5, len(stream))]
+    assert later == ref_events[5:]
+    assert resumed.events == reference.events
+
+
+@pytest.mark.parametrize(
+    "kwargs, text",
+    [
+        (dict(patience=0), "patience=0"),
+        (dict(min_load_entropy=1.5), "min_load_entropy=1.5"),
+        (dict(z_loss_spike=0.5), "z_loss_spike=0.5"),
+        (dict(hysteresis=1.0), "hysteresis=1.0"),
+        (dict(dead_expert_p=0.0), "dead_expert_p=0.0"),
+    ],
+)
+def test_invalid_arguments_are_rejected(kwargs, text):
+    with pytest.raises(ValueError, match=text):
+        CollapseDetector(**kwargs)
+
+
+def test_event_validates_severity_and_kind():
+    with pytest.raises(ValueError, match="severity='bad'"):
+        CollapseEvent(0, "train", "l", "r", 0.0, 0.0, "bad", "m")
+    with pytest.raises(ValueError, match="kind='bad'"):
+        CollapseEvent(0, "train", "l", "r", 0.0, 0.0, "info", "m", kind="bad")
