@@ -56,7 +56,7 @@ class MoEMonitor(Callback):
 
     **Logged metrics** (through every logger of the trainer, at ``step=trainer.global_step``, rank zero only;
     ``<phase>`` is ``train``, ``val`` or ``test``; ``<LL>`` is the router's index in model order, ``L00``, ``L01``,
-    ...; the full module path of each label is in the ``layer_name`` column of :meth:`layer_frame`):
+    ...; the module path of each label is the ``layer`` column of :meth:`layer_frame`, its index ``layer_index``):
 
     - ``moe/<phase>/<stat>/<LL>`` for each statistic of SPEC §3: ``dropped_fraction``, ``load_entropy``,
       ``max_violation``, ``cv``, ``gini``, ``dead_experts``, ``aux_loss``, ``z_loss``, ``router_entropy``,

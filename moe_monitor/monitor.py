@@ -32,7 +32,7 @@ LAYER_COLUMNS: tuple[str, ...] = (
     "step",
     "phase",
     "layer",
-    "layer_name",
+    "layer_index",
     "num_experts",
     "top_k",
     "tokens",
@@ -43,7 +43,7 @@ LAYER_COLUMNS: tuple[str, ...] = (
 )
 """Columns of :meth:`RouterMonitor.layer_frame`, followed by one ``counterfactual_drop@<cf>`` per capacity factor."""
 
-EXPERT_COLUMNS: tuple[str, ...] = ("step", "phase", "layer", "layer_name", "expert", "count", "load")
+EXPERT_COLUMNS: tuple[str, ...] = ("step", "phase", "layer", "layer_index", "expert", "count", "load")
 """Columns of :meth:`RouterMonitor.expert_frame`."""
 
 _STATE_VERSION = 1
@@ -99,7 +99,7 @@ class RouterMonitor:
         >>> snap.counts.sum().item(), snap.tokens.tolist()
         (32, [16])
         >>> row = monitor.layer_frame().iloc[0]
-        >>> int(row.step), row.phase, row.layer_name, int(row.assignments)
+        >>> int(row.step), row.phase, row.layer, int(row.assignments)
         (1, 'train', '0', 32)
     """
 
@@ -347,7 +347,8 @@ class RouterMonitor:
     def layer_frame(self):
         """The history as a long-form ``pandas.DataFrame``, one row per (collect, layer).
 
-        Columns: :data:`LAYER_COLUMNS` (``layer`` is the index in :attr:`layers`, ``layer_name`` the module path),
+        Columns: :data:`LAYER_COLUMNS` (``layer`` is the module path, as ``layers[i].name``; ``layer_index`` its
+        position ``i`` in model order),
         then ``counterfactual_drop@<cf>`` per capacity factor (NaN for routers with a real capacity).
         """
         import pandas as pd
@@ -359,8 +360,8 @@ class RouterMonitor:
                 row = {
                     "step": record["step"],
                     "phase": record["phase"],
-                    "layer": i,
-                    "layer_name": name,
+                    "layer": name,
+                    "layer_index": i,
                     "num_experts": record["num_experts"][i],
                     "top_k": record["top_k"][i],
                 }
@@ -368,7 +369,7 @@ class RouterMonitor:
                     row[key] = record["layer"][key][i]
                 rows.append(row)
         frame = pd.DataFrame(rows, columns=[*LAYER_COLUMNS, *cf_columns])
-        return frame.astype({"step": "int64", "layer": "int64", "tokens": "int64", "assignments": "int64"})
+        return frame.astype({"step": "int64", "layer_index": "int64", "tokens": "int64", "assignments": "int64"})
 
     def expert_frame(self):
         """The history as a long-form ``pandas.DataFrame``, one row per (collect, layer, expert of that layer).
@@ -390,8 +391,8 @@ class RouterMonitor:
                 load_R = np.where(total_L[layer_R] > 0, count_R / np.maximum(total_L[layer_R], 1), np.nan)
             columns["step"].append(np.full(len(layer_R), record["step"], dtype=np.int64))
             columns["phase"].append(np.full(len(layer_R), record["phase"], dtype=object))
-            columns["layer"].append(layer_R.astype(np.int64))
-            columns["layer_name"].append(np.asarray(record["layer_names"], dtype=object)[layer_R])
+            columns["layer"].append(np.asarray(record["layer_names"], dtype=object)[layer_R])
+            columns["layer_index"].append(layer_R.astype(np.int64))
             columns["expert"].append(expert_R.astype(np.int64))
             columns["count"].append(count_R)
             columns["load"].append(load_R.astype(np.float64))

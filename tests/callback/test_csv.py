@@ -28,7 +28,7 @@ def test_csv_logger_gets_every_key_with_the_monitor_values(tmp_path: Path) -> No
     frame = callback.layer_frame()
     # Windows close at optimizer steps 2 and 4, a last partial window at 5, one val window after step 4.
     assert sorted(set(zip(frame.step, frame.phase))) == [(2, "train"), (4, "train"), (4, "val"), (5, "train")]
-    train = frame[frame.phase == "train"].set_index(["step", "layer"])
+    train = frame[frame.phase == "train"].set_index(["step", "layer_index"])
     assert train.loc[(2, 0), "tokens"] == 2 * 4 * SEQ_LEN
     assert train.loc[(5, 1), "tokens"] == 1 * 4 * SEQ_LEN
     # Only the 2 validation batches of the real validation run, not the 2 of the sanity check.
@@ -39,7 +39,7 @@ def test_csv_logger_gets_every_key_with_the_monitor_values(tmp_path: Path) -> No
     for row in frame.itertuples():
         logged = rows[rows.step == row.step]
         for stat in STAT_NAMES:
-            key = f"moe/{row.phase}/{stat}/L{row.layer:02d}"
+            key = f"moe/{row.phase}/{stat}/L{row.layer_index:02d}"
             expected = getattr(row, stat)
             if math.isnan(expected):
                 assert key not in rows or logged[key].isna().all()
@@ -53,7 +53,7 @@ def test_csv_logger_gets_every_key_with_the_monitor_values(tmp_path: Path) -> No
     assert summary["moe/train/all/dropped_fraction"].dropna().item() == 0.0
 
     experts = callback.expert_frame()
-    one = experts[(experts.step == 4) & (experts.phase == "train") & (experts.layer == 1) & (experts.expert == 3)]
+    one = experts[(experts.step == 4) & (experts.phase == "train") & (experts.layer_index == 1) & (experts.expert == 3)]
     assert summary["moe/train/load/L01/E03"].dropna().item() == pytest.approx(one.load.item())
 
     saved = Path(logger.log_dir) / "moe_monitor"
@@ -70,7 +70,7 @@ def test_attention_mask_excludes_padding_in_train_validate_and_test(tmp_path: Pa
         trainer.fit(lm, train_dataloaders=masked_loader(), val_dataloaders=masked_loader(batches=1))
         trainer.validate(lm, masked_loader(batches=2), verbose=False)
         trainer.test(lm, masked_loader(batches=3), verbose=False)
-    frame = callback.layer_frame().set_index(["phase", "step", "layer"])
+    frame = callback.layer_frame().set_index(["phase", "step", "layer_index"])
     real_tokens = 2 * (SEQ_LEN - 3)  # per batch of 2 samples with 3 padded positions each
     assert frame.loc[("train", 2, 0), "tokens"] == 2 * real_tokens
     assert frame.loc[("val", 2, 0), "tokens"].tolist() == [1 * real_tokens, 2 * real_tokens]

@@ -29,7 +29,7 @@ def test_ddp_windows_cover_both_processes_and_every_rank_stops_together(tmp_path
     assert (layers.tokens == 2 * 2 * SEQ_LEN * 2).all()  # 2 steps x batch 2 x S tokens x 2 processes
     rows = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
     assert rows["moe/train/load_entropy/L00"].dropna().tolist() == pytest.approx(
-        layers[layers.layer == 0].load_entropy.tolist()
+        layers[layers.layer_index == 0].load_entropy.tolist()
     )
     events = pd.read_csv(Path(logger.log_dir) / "moe_monitor" / "events.csv")
     assert "load_entropy" in set(events.rule)

@@ -110,7 +110,7 @@ def test_gradient_accumulation_counts_like_the_large_batch(tmp_path: Path) -> No
     accumulated, large_batch = runs["accumulated"], runs["large_batch"]
     assert sorted(set(accumulated.step)) == [2, 4]
     assert accumulated["count"].tolist() == large_batch["count"].tolist()
-    per_window = accumulated.groupby(["step", "layer"])["count"].sum()
+    per_window = accumulated.groupby(["step", "layer_index"])["count"].sum()
     assert (per_window == 2 * 4 * SEQ_LEN * 2).all()  # 2 optimizer steps x 4 samples x S tokens x top-2
 
 

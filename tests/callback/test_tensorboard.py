@@ -36,7 +36,7 @@ def test_scalars_equal_the_layer_frame(tb_run) -> None:
     checked = 0
     for row in frame.itertuples():
         for stat in STAT_NAMES:
-            key = f"moe/{row.phase}/{stat}/L{row.layer:02d}"
+            key = f"moe/{row.phase}/{stat}/L{row.layer_index:02d}"
             value = getattr(row, stat)
             if value != value:  # NaN statistics are not logged
                 continue
@@ -52,7 +52,7 @@ def test_histograms_have_one_bucket_per_expert_holding_its_count(tb_run) -> None
     experts = callback.expert_frame()
     for layer in (0, 1):
         (event,) = accumulator.Histograms(f"moe/train/expert_load/L{layer:02d}")
-        expected = experts[(experts.phase == "train") & (experts.layer == layer)].sort_values("expert")["count"]
+        expected = experts[(experts.phase == "train") & (experts.layer_index == layer)].sort_values("expert")["count"]
         assert list(event.histogram_value.bucket) == expected.tolist()
         assert list(event.histogram_value.bucket_limit) == [0.5, 1.5, 2.5, 3.5]
         assert event.step == 2

@@ -85,7 +85,7 @@ def test_offline_run_has_scalars_histograms_heatmaps_tables_and_step_axis(tmp_pa
     for row in frame.itertuples():
         logged = [h for h in history if h.get("trainer/global_step") == row.step]
         for stat in STAT_NAMES:
-            key = f"moe/{row.phase}/{stat}/L{row.layer:02d}"
+            key = f"moe/{row.phase}/{stat}/L{row.layer_index:02d}"
             values = [h[key] for h in logged if key in h]
             assert values == [pytest.approx(getattr(row, stat), rel=1e-12)], key
 
@@ -94,7 +94,7 @@ def test_offline_run_has_scalars_histograms_heatmaps_tables_and_step_axis(tmp_pa
         (entry,) = [
             h for h in history if f"moe/{phase}/expert_load/L01/values" in h and h["trainer/global_step"] == step
         ]
-        counts = experts[(experts.phase == phase) & (experts.step == step) & (experts.layer == 1)]["count"].tolist()
+        counts = experts[(experts.phase == phase) & (experts.step == step) & (experts.layer_index == 1)]["count"].tolist()
         assert entry[f"moe/{phase}/expert_load/L01/values"] == counts
         assert entry[f"moe/{phase}/expert_load/L01/bins"] == [-0.5, 0.5, 1.5, 2.5, 3.5]
         assert entry[f"moe/{phase}/load_heatmap/_type"] == "image-file"

@@ -42,8 +42,8 @@ def test_layer_frame_has_every_spec_column_and_one_row_per_collect_and_layer(mon
     assert len(frame) == 4 * 2
     assert frame["step"].tolist() == [10, 10, 20, 20, 20, 20, 30, 30]
     assert frame["phase"].tolist() == ["train"] * 4 + ["val"] * 2 + ["train"] * 2
-    assert frame["layer"].tolist() == [0, 1] * 4
-    assert frame["layer_name"].tolist()[:2] == ["blocks.0.router", "blocks.1.router"]
+    assert frame["layer_index"].tolist() == [0, 1] * 4
+    assert frame["layer"].tolist()[:2] == ["blocks.0.router", "blocks.1.router"]
     assert frame["tokens"].tolist() == [6, 6, 6, 6, 3, 3, 0, 0]
     assert frame["assignments"].tolist() == [12, 12, 12, 12, 6, 6, 0, 0]
     assert math.isnan(frame["load_entropy"].iloc[-1])
@@ -53,7 +53,7 @@ def test_expert_frame_counts_and_loads(monitor):
     frame = monitor.expert_frame()
     assert list(frame.columns)[:3] == ["step", "phase", "layer"] and set(SPEC_EXPERT_COLUMNS) <= set(frame.columns)
     assert len(frame) == 4 * 2 * 4
-    first = frame[(frame.step == 10) & (frame.layer == 0)]
+    first = frame[(frame.step == 10) & (frame.layer_index == 0)]
     assert first["count"].sum() == 12
     assert first["load"].tolist() == pytest.approx((first["count"] / 12).tolist())
     assert frame[frame.step == 30]["load"].isna().all()
