@@ -1,8 +1,8 @@
 """A self-contained HTML report of a finished run (``moe-monitor report RUN_DIR``).
 
 The report reads the frames the callback saves at the end of fit (``layers``, ``experts`` and, when the
-detector ran, ``events``; CSV or parquet, as written by ``RouterMonitor.save``) and draws them as inline SVG, so the file opens anywhere, offline,
-with no JavaScript and no plotting package.
+detector ran, ``events``; CSV or parquet, as written by ``RouterMonitor.save``) and draws them as inline SVG,
+so the file opens anywhere, offline, with no JavaScript and no plotting package.
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ def test_offline_run_has_scalars_histograms_heatmaps_tables_and_step_axis(tmp_pa
         (entry,) = [
             h for h in history if f"moe/{phase}/expert_load/L01/values" in h and h["trainer/global_step"] == step
         ]
-        counts = experts[(experts.phase == phase) & (experts.step == step) & (experts.layer_index == 1)]["count"].tolist()
+        window = experts[(experts.phase == phase) & (experts.step == step)]
+        counts = window[window.layer_index == 1]["count"].tolist()
         assert entry[f"moe/{phase}/expert_load/L01/values"] == counts
         assert entry[f"moe/{phase}/expert_load/L01/bins"] == [-0.5, 0.5, 1.5, 2.5, 3.5]
         assert entry[f"moe/{phase}/load_heatmap/_type"] == "image-file"
