@@ -90,6 +90,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     train.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
     train.add_argument("--devices", default="auto", help="Lightning devices: auto, a count, or a list")
     train.add_argument("--val-every", type=int, default=100, help="validate every N steps (0: never)")
+    train.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 on a busy CPU)"
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--logger", choices=LOGGER_CHOICES, default="tensorboard")
@@ -176,6 +179,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"moe-monitor train: error: {error}", file=sys.stderr)
         return 2
     steps = settings["steps"]
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     lm = ReferenceLM(config, lr=settings["lr"], warmup_steps=settings["warmup_steps"], max_steps=steps)
     data = CorpusDataModule(
@@ -196,7 +203,7 @@ def run_train(args: argparse.Namespace) -> int:
         log_every_n_steps=args.log_every,
         val_check_interval=min(args.val_every, steps) if validate else None,
         check_val_every_n_epoch=None if validate else 1,
-        limit_val_batches=1.0 if validate else 0,
+        limit_val_batches=None if validate else 0,
         gradient_clip_val=1.0,
     )
     start = time.perf_counter()
@@ -226,6 +233,8 @@ def resolve_training(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--lr={lr} must be positive.")
     if args.val_every < 0:
         raise ValueError(f"--val-every={args.val_every} must be 0 (no validation) or a positive step interval.")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads={args.threads} must be at least 1.")
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps}
 
 
