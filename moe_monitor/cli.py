@@ -58,6 +58,15 @@ def capacity_factor_arg(text: str) -> float | None:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something (not for unset options that fall back to the preset)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds the ``train`` subcommand to ``subparsers`` and returns its parser (extend it to add options)."""
     parser = subparsers.add_parser(
@@ -65,15 +74,18 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="train the reference MoE transformer on the bundled corpus",
         description="Train the reference MoE transformer on the bundled byte-level corpus "
         "(Python's help text and standard-library sources). Unset options take the preset's defaults.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument("--preset", choices=PRESET_NAMES, default="tiny", help="model and training size")
-    model.add_argument("--router", choices=ROUTER_CHOICES, default="token_choice")
+    model.add_argument("--router", choices=ROUTER_CHOICES, default="token_choice", help="routing rule")
     model.add_argument("--experts", type=int, default=None, help="experts per MoE layer (preset: 8)")
     model.add_argument("--top-k", type=int, default=None, help="experts per token (preset: 2)")
     model.add_argument(
-        "--capacity-factor", type=capacity_factor_arg, default=None, help="per-expert capacity factor, or 'none'"
+        "--capacity-factor",
+        type=capacity_factor_arg,
+        default=None,
+        help="per-expert capacity factor, or 'none' for dropless routing (default: none)",
     )
     model.add_argument("--noise", choices=NOISE_CHOICES, default="none", help="router noise in training")
     model.add_argument("--noise-std", type=float, default=0.01, help="jitter epsilon or Gaussian std")
@@ -86,7 +98,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     train.add_argument("--batch-size", type=int, default=None, help="sequences per step (preset default)")
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (preset default)")
     train.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default: 5%% of steps)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of the weights and of the training windows")
     train.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
     train.add_argument("--devices", default="auto", help="Lightning devices: auto, a count, or a list")
     train.add_argument("--val-every", type=int, default=100, help="validate every N steps (0: never)")
@@ -95,7 +107,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
 
     output = parser.add_argument_group("output")
-    output.add_argument("--logger", choices=LOGGER_CHOICES, default="tensorboard")
+    output.add_argument(
+        "--logger",
+        choices=LOGGER_CHOICES,
+        default="tensorboard",
+        help="where metrics go (wandb: set WANDB_MODE=offline to log without an account)",
+    )
     output.add_argument("--out", type=Path, default=Path("runs"), help="directory for logs and checkpoints")
     output.add_argument("--name", default="moe", help="run name (a subdirectory of --out)")
     output.add_argument("--log-every", type=int, default=10, help="log metrics every N steps")
