@@ -241,7 +241,8 @@ def run(
     preset: str = "tiny",
     lr: float | None = None,
     detector: CollapseDetector | None = None,
-    val_batches: int = 4,
+    val_batches: int | None = 4,
+    val_per_domain: int = 16,
     **config_overrides: Any,
 ) -> RunResult:
     """Trains the reference model on the bundled corpus in a plain loop, with monitor, detector and controllers.
@@ -261,7 +262,9 @@ def run(
         preset: :data:`~moe_monitor.reference.PRESETS` name.
         lr: peak learning rate; default the scenario's, else 3e-3.
         detector: the detector (default ``CollapseDetector()``).
-        val_batches: validation batches for the final validation loss (also a ``"val"`` window).
+        val_batches: validation batches for the final validation loss (also a ``"val"`` window); ``None``
+            for the whole validation set.
+        val_per_domain: validation sequences per corpus domain.
         **config_overrides: further :class:`MoEConfig` fields.
 
     Returns:
@@ -299,7 +302,11 @@ def run(
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     data = CorpusDataModule(
-        seq_len=config.seq_len, batch_size=batch_size, seed=seed, train_samples=steps * batch_size, val_per_domain=16
+        seq_len=config.seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        train_samples=steps * batch_size,
+        val_per_domain=val_per_domain,
     )
     data.setup()
 
@@ -330,7 +337,7 @@ def run(
     total, count = 0.0, 0
     with torch.no_grad():
         for i, batch in enumerate(data.val_dataloader()):
-            if i >= val_batches:
+            if val_batches is not None and i >= val_batches:
                 break
             logits = model(batch["input_ids"]).logits
             total += float(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum"))
