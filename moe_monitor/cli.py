@@ -184,6 +184,7 @@ def _precision(accelerator: str) -> str:
 def run_train(args: argparse.Namespace) -> int:
     """Runs ``moe-monitor train``; returns the process exit code (2 for a bad option, with the reason printed)."""
     import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from moe_monitor.reference import CorpusDataModule, ReferenceLM
 
@@ -192,36 +193,39 @@ def run_train(args: argparse.Namespace) -> int:
         settings = resolve_training(args)
         config = build_config(args)
         logger = build_logger(args)
+        validate = args.val_every > 0
+        trainer = pl.Trainer(
+            max_steps=settings["steps"],
+            max_epochs=1,
+            accelerator=args.accelerator,
+            devices=args.devices,
+            precision=_precision(args.accelerator),
+            logger=logger,
+            callbacks=build_callbacks(args),
+            log_every_n_steps=args.log_every,
+            val_check_interval=min(args.val_every, settings["steps"]) if validate else None,
+            check_val_every_n_epoch=None if validate else 1,
+            limit_val_batches=None if validate else 0,
+            gradient_clip_val=1.0,
+        )
     except (ValueError, ModuleNotFoundError) as error:
         print(f"moe-monitor train: error: {error}", file=sys.stderr)
         return 2
-    steps = settings["steps"]
+    except MisconfigurationException as error:
+        hint = "check --accelerator and --devices; '--accelerator cpu --devices 1' works on any machine."
+        print(f"moe-monitor train: error: {error}\n  {hint}", file=sys.stderr)
+        return 2
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
-    lm = ReferenceLM(config, lr=settings["lr"], warmup_steps=settings["warmup_steps"], max_steps=steps)
+    lm = ReferenceLM(config, **{name: settings[name] for name in ("lr", "warmup_steps")}, max_steps=settings["steps"])
     data = CorpusDataModule(
         seq_len=config.seq_len,
         batch_size=settings["batch_size"],
         seed=args.seed,
-        train_samples=steps * settings["batch_size"],
-    )
-    validate = args.val_every > 0
-    trainer = pl.Trainer(
-        max_steps=steps,
-        max_epochs=1,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        precision=_precision(args.accelerator),
-        logger=logger,
-        callbacks=build_callbacks(args),
-        log_every_n_steps=args.log_every,
-        val_check_interval=min(args.val_every, steps) if validate else None,
-        check_val_every_n_epoch=None if validate else 1,
-        limit_val_batches=None if validate else 0,
-        gradient_clip_val=1.0,
+        train_samples=settings["steps"] * settings["batch_size"],
     )
     start = time.perf_counter()
     trainer.fit(lm, datamodule=data)

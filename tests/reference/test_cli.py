@@ -63,6 +63,12 @@ def test_bad_options_exit_2_with_the_reason(tmp_path, capsys, argv, message):
     assert not (tmp_path / "moe").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_missing_gpu_is_a_usage_error(tmp_path, capsys):
+    assert cli.main(["train", "--accelerator", "gpu", "--out", str(tmp_path)]) == 2
+    assert "--accelerator cpu --devices 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "lots"])
 def test_bad_capacity_factor_is_a_usage_error(capsys, value):
     with pytest.raises(SystemExit) as exit_info:
