@@ -74,6 +74,19 @@ def split_text(text_N: torch.Tensor, val_every: int = 10) -> tuple[torch.Tensor,
     return text_N[~is_val_N], text_N[is_val_N]
 
 
+@functools.lru_cache(maxsize=4)
+def corpus_splits(val_every: int = 10) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(train texts, val texts), one per domain in :data:`DOMAINS` order; computed once per ``val_every``.
+
+    Example:
+        >>> train, val = corpus_splits()
+        >>> len(train), 8 < train[0].numel() // val[0].numel() < 10
+        (2, True)
+    """
+    splits = [split_text(text, val_every) for text in load_corpus().values()]
+    return [train for train, _ in splits], [val for _, val in splits]
+
+
 def _window(text_N: torch.Tensor, offset: int, seq_len: int, domain: int) -> dict[str, torch.Tensor]:
     window = text_N[offset : offset + seq_len + 1].long()
     return {"input_ids": window[:-1], "labels": window[1:], "domain": torch.tensor(domain)}
@@ -181,11 +194,10 @@ class CorpusDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        splits = [split_text(text, self.val_every) for text in load_corpus().values()]
-        train_texts = [train for train, _ in splits]
+        train_texts, val_texts = corpus_splits(self.val_every)
         num_samples = self.train_samples or sum(t.numel() for t in train_texts) // self.seq_len
         self.train_set = RandomWindows(train_texts, self.seq_len, num_samples, self.seed)
-        self.val_set = EvenWindows([val for _, val in splits], self.seq_len, self.val_per_domain)
+        self.val_set = EvenWindows(val_texts, self.seq_len, self.val_per_domain)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
