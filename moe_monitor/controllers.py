@@ -58,6 +58,10 @@ def _find_owner(model: nn.Module, layer_module: nn.Module, attr: str) -> nn.Modu
     return None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _layers(monitor: Any) -> list[Any]:
     layers = list(getattr(monitor, "layers", []))
     if not layers:
@@ -245,7 +249,7 @@ class AuxLossController(Controller):
         if len(knobs) == len(layers):
             self.knobs = knobs
             return
-        hf = next((m for m in model.modules() if isinstance(getattr(m, "router_aux_loss_coef", None), float)), None)
+        hf = next((m for m in model.modules() if _is_number(getattr(m, "router_aux_loss_coef", None))), None)
         if hf is None:
             missing = [layer.name for layer in layers if _find_owner(model, layer.module, "aux_loss_coef") is None]
             raise ValueError(
@@ -360,6 +364,20 @@ class RouterNoiseController(Controller):
 
     Logged metrics:
         ``controller/noise/<layer>/std`` per layer and ``controller/noise/max_std``.
+
+    Example:
+        >>> from moe_monitor.monitor import RouterMonitor
+        >>> from moe_monitor.reference import MoEConfig, MoETransformer
+        >>> from moe_monitor.detect import make_snapshot
+        >>> model = MoETransformer(MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, d_expert=8))
+        >>> ctl = RouterNoiseController()
+        >>> ctl.setup(model, RouterMonitor(model))
+        >>> dead = CollapseEvent(5, "train", "blocks.0.moe.router", "dead_experts", 2, 0, "warning", "...", (2, 3))
+        >>> _ = ctl.on_window(make_snapshot([[8, 8, 0, 0]], step=5), [dead])
+        >>> model.blocks[0].moe.router.noise, model.blocks[0].moe.router.noise_std
+        ('gaussian', 0.05)
+
+    On Mixtral, ``jitter_noise`` scales the MoE block's input, which its experts see too (as in the original).
     """
 
     name = "noise"
@@ -508,6 +526,21 @@ class ExpertBiasController(Controller):
     Logged metrics:
         ``controller/bias/<layer>/max_abs`` (largest ``|bias|``), ``controller/bias/<layer>/range`` (max - min)
         and ``controller/bias/updates``.
+
+    Example:
+        >>> from moe_monitor.monitor import RouterMonitor
+        >>> from moe_monitor.reference import MoEConfig, MoETransformer
+        >>> config = MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, d_expert=8, expert_bias=True)
+        >>> model = MoETransformer(config)
+        >>> monitor = RouterMonitor(model)
+        >>> ctl = ExpertBiasController(rate=0.01)
+        >>> ctl.setup(model, monitor)
+        >>> _ = model(torch.randint(0, 256, (2, 8)))  # one training step's forward
+        >>> ctl.on_train_step(monitor, step=1)
+        >>> count_E, bias_E = monitor.window_counts()[0], model.blocks[0].moe.router.expert_bias
+        >>> step_E = 0.01 * torch.sign(count_E.mean() - count_E)  # the update, then mean-centred
+        >>> torch.allclose(bias_E, (step_E - step_E.mean()).float())
+        True
     """
 
     name = "bias"
