@@ -58,6 +58,8 @@ class MoELayer(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient)."""
+
     def __init__(self, config: MoEConfig, out_std: float) -> None:
         super().__init__()
         self.n_heads = config.n_heads

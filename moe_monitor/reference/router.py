@@ -120,7 +120,7 @@ class Router(nn.Module):
         config: model configuration; the router copies its routing fields into mutable attributes.
 
     Example:
-        >>> torch.manual_seed(0) and None
+        >>> _ = torch.manual_seed(0)
         >>> router = Router(MoEConfig(d_model=8, n_heads=2, n_experts=4, top_k=2))
         >>> out = router(torch.randn(3, 8))
         >>> out.token_idx_A.tolist(), out.expert_idx_A.shape, bool(out.kept_A.all())
@@ -155,6 +155,7 @@ class Router(nn.Module):
         )
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        """Routes the tokens ``x_TD`` (any float dtype; computed in fp32) and returns every decision."""
         if self.kind not in ROUTER_KINDS:
             raise ValueError(f"Router.kind={self.kind!r} is not supported; choose one of {', '.join(ROUTER_KINDS)}.")
         if self.noise not in NOISE_KINDS:
