@@ -30,6 +30,8 @@ PRESET_NAMES: tuple[str, ...] = ("tiny", "small", "base")
 ROUTER_CHOICES: tuple[str, ...] = ("token_choice", "expert_choice")
 NOISE_CHOICES: tuple[str, ...] = ("none", "jitter", "gaussian")
 LOGGER_CHOICES: tuple[str, ...] = ("tensorboard", "wandb", "csv")
+# Names of moe_monitor.scenarios.SCENARIOS, spelled out so that --help does not import torch (a test keeps them equal).
+SCENARIO_NAMES: tuple[str, ...] = ("biased_init", "unreachable_experts", "no_aux_high_lr", "low_capacity")
 
 # Training defaults per preset. ``tiny`` is sized so that the default run finishes in about 2-3 minutes on a
 # 2-core CPU with the loss clearly falling (measured in docs/benchmarks.md's MoE layer section).
@@ -78,7 +80,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     model = parser.add_argument_group("model")
     model.add_argument("--preset", choices=PRESET_NAMES, default="tiny", help="model and training size")
-    model.add_argument("--router", choices=ROUTER_CHOICES, default="token_choice", help="routing rule")
+    model.add_argument("--router", choices=ROUTER_CHOICES, default=None, help="routing rule (default: token_choice)")
     model.add_argument("--experts", type=int, default=None, help="experts per MoE layer (preset: 8)")
     model.add_argument("--top-k", type=int, default=None, help="experts per token (preset: 2)")
     model.add_argument(
@@ -87,10 +89,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=None,
         help="per-expert capacity factor, or 'none' for dropless routing (default: none)",
     )
-    model.add_argument("--noise", choices=NOISE_CHOICES, default="none", help="router noise in training")
-    model.add_argument("--noise-std", type=float, default=0.01, help="jitter epsilon or Gaussian std")
-    model.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss coefficient")
-    model.add_argument("--z-coef", type=float, default=0.001, help="router z-loss coefficient")
+    model.add_argument("--noise", choices=NOISE_CHOICES, default=None, help="router noise in training (default: none)")
+    model.add_argument("--noise-std", type=float, default=None, help="jitter epsilon or Gaussian std (default: 0.01)")
+    model.add_argument("--aux-coef", type=float, default=None, help="load-balancing loss coefficient (default: 0.01)")
+    model.add_argument("--z-coef", type=float, default=None, help="router z-loss coefficient (default: 0.001)")
     model.add_argument("--expert-bias", action="store_true", help="give routers a selection-only expert bias")
 
     train = parser.add_argument_group("training")
@@ -104,6 +106,22 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     train.add_argument("--val-every", type=int, default=100, help="validate every N steps (0: never)")
     train.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 on a busy CPU)"
+    )
+
+    monitor = parser.add_argument_group("monitor")
+    monitor.add_argument("--no-monitor", action="store_true", help="train without the MoEMonitor callback")
+    monitor.add_argument(
+        "--control",
+        default="",
+        help="comma-separated controllers that repair a collapse: aux (aux-loss weight), noise (router noise), "
+        "bias (selection-only expert bias; turns on --expert-bias)",
+    )
+    monitor.add_argument("--stop-on-collapse", action="store_true", help="stop training at the first critical alert")
+    monitor.add_argument("--log-expert-loads", action="store_true", help="also log one scalar per (layer, expert)")
+    monitor.add_argument(
+        "--scenario",
+        default=None,
+        help=f"make the routers collapse on purpose: {', '.join(SCENARIO_NAMES)} (see docs/detection.md)",
     )
 
     output = parser.add_argument_group("output")
@@ -127,34 +145,112 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(subparsers)
+    add_report_parser(subparsers)
     return parser
 
 
+def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds the ``report`` subcommand: a self-contained HTML page of a finished run."""
+    parser = subparsers.add_parser(
+        "report",
+        help="write a self-contained HTML report of a finished run",
+        description="Write a self-contained HTML report (inline SVG charts, no JavaScript) of the routing history "
+        "that MoEMonitor saved under RUN_DIR (e.g. runs/moe/version_0).",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output directory of a training run")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: RUN_DIR/moe_report.html)")
+    parser.set_defaults(func=run_report)
+    return parser
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Runs ``moe-monitor report``; returns 2 with the reason when the run directory holds no history."""
+    from moe_monitor.report import RunFilesNotFoundError, write_report
+
+    try:
+        path = write_report(args.run_dir, args.output)
+    except RunFilesNotFoundError as error:
+        print(f"moe-monitor report: error: {error}", file=sys.stderr)
+        return 2
+    print(f"Report: {path}")
+    return 0
+
+
 def build_config(args: argparse.Namespace) -> MoEConfig:
-    """The model configuration of a ``train`` invocation: the preset, overridden by the given options."""
+    """The model configuration of a ``train`` invocation: the preset, then the scenario's overrides, then the
+    options given on the command line.
+
+    Example:
+        >>> config = build_config(build_parser().parse_args(["train", "--scenario", "low_capacity", "--top-k", "1"]))
+        >>> config.capacity_factor, config.top_k, config.aux_loss_coef
+        (1.0, 1, 0.01)
+    """
     from moe_monitor.reference import MoEConfig
 
-    overrides: dict[str, Any] = {
+    overrides: dict[str, Any] = dict(scenario_of(args).config_overrides) if args.scenario else {}
+    given = {
         "router": args.router,
         "capacity_factor": args.capacity_factor,
         "router_noise": args.noise,
         "router_noise_std": args.noise_std,
         "aux_loss_coef": args.aux_coef,
         "z_loss_coef": args.z_coef,
-        "expert_bias": args.expert_bias,
+        "n_experts": args.experts,
+        "top_k": args.top_k,
     }
-    if args.experts is not None:
-        overrides["n_experts"] = args.experts
-    if args.top_k is not None:
-        overrides["top_k"] = args.top_k
+    overrides.update({name: value for name, value in given.items() if value is not None})
+    # The bias controller steers a per-expert buffer that only exists with expert_bias=True.
+    if args.expert_bias or "bias" in control_names(args):
+        overrides["expert_bias"] = True
     return MoEConfig.from_preset(args.preset, **overrides)
 
 
+def control_names(args: argparse.Namespace) -> list[str]:
+    """The controller names of ``--control`` (``"aux, bias"`` -> ``["aux", "bias"]``)."""
+    return [name.strip().lower() for name in args.control.split(",") if name.strip()]
+
+
+def scenario_of(args: argparse.Namespace) -> Any:
+    """The :class:`~moe_monitor.scenarios.Scenario` named by ``--scenario``.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    from moe_monitor.scenarios import SCENARIOS
+
+    if args.scenario not in SCENARIOS:
+        raise ValueError(f"--scenario={args.scenario!r} is unknown; choose one of {', '.join(SCENARIOS)}.")
+    return SCENARIOS[args.scenario]
+
+
 def build_callbacks(args: argparse.Namespace) -> list[Callback]:
-    """Every callback of a ``train`` run: the last checkpoint and the learning rate per step."""
+    """Every callback of a ``train`` run: the MoE monitor (with the ``--control`` controllers), the last
+    checkpoint and the learning rate per step.
+
+    Raises:
+        ValueError: for an unknown ``--control`` name, listing the known ones.
+    """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    return [ModelCheckpoint(save_last=True, save_top_k=0), LearningRateMonitor(logging_interval="step")]
+    callbacks: list[Callback] = [ModelCheckpoint(save_last=True, save_top_k=0), LearningRateMonitor("step")]
+    if args.no_monitor:
+        if control_names(args) or args.stop_on_collapse:
+            raise ValueError("--control and --stop-on-collapse need the monitor; drop --no-monitor.")
+        return callbacks
+    from moe_monitor.callback import MoEMonitor
+    from moe_monitor.controllers import make_controllers
+
+    controllers = make_controllers(control_names(args))
+    callbacks.insert(
+        0,
+        MoEMonitor(
+            log_every_n_steps=args.log_every,
+            log_expert_loads=args.log_expert_loads,
+            controllers=controllers,
+            stop_on_collapse=args.stop_on_collapse,
+        ),
+    )
+    return callbacks
 
 
 def build_logger(args: argparse.Namespace) -> Logger:
@@ -221,6 +317,8 @@ def run_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     lm = ReferenceLM(config, **{name: settings[name] for name in ("lr", "warmup_steps")}, max_steps=settings["steps"])
+    if args.scenario:
+        scenario_of(args).prepare(lm)
     data = CorpusDataModule(
         seq_len=config.seq_len,
         batch_size=settings["batch_size"],
@@ -245,7 +343,8 @@ def resolve_training(args: argparse.Namespace) -> dict[str, Any]:
     defaults = TRAIN_DEFAULTS[args.preset]
     steps = args.steps if args.steps is not None else defaults["steps"]
     batch_size = args.batch_size if args.batch_size is not None else defaults["batch_size"]
-    lr = args.lr if args.lr is not None else defaults["lr"]
+    scenario_lr = scenario_of(args).lr if args.scenario else None
+    lr = next(value for value in (args.lr, scenario_lr, defaults["lr"]) if value is not None)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, steps // 20)
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--log-every", args.log_every)):
         if value < 1:
