@@ -142,3 +142,11 @@ def test_lightning_callback_detects_repairs_and_resumes_the_controller(tmp_path)
     # The detector's history and firing alerts came back too.
     assert resumed.detector.events[: len(callback.detector.events)] == callback.detector.events
     assert resumed.detector.active >= {(e.layer, e.rule) for e in alerts} & callback.detector.active
+
+
+def test_controllers_compose():
+    result = run("biased_init", steps=60, controllers="aux,noise,bias", **MICRO)
+    changed = {e.rule for e in result.events if e.kind == "control"}
+    assert changed == {"aux_loss_coef", "router_noise", "expert_bias"}
+    metrics = {k for c in result.controllers for k in c.metrics()}
+    assert {"controller/aux_loss/max_coef", "controller/noise/max_std", "controller/bias/updates"} <= metrics
