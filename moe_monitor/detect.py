@@ -137,6 +137,19 @@ def dead_expert_probability(num_experts: int, assignments: int) -> float:
     return math.exp(assignments * math.log1p(-1.0 / num_experts))
 
 
+def _probability_text(num_experts: int, assignments: int) -> str:
+    """``(1 - 1/E) ** A`` as text, also where the float underflows to 0.
+
+    Example:
+        >>> _probability_text(8, 200), _probability_text(8, 20480)
+        ('2.5e-12', '1e-1188')
+    """
+    if num_experts <= 1:
+        return "0"
+    log10_p = assignments * math.log10(1 - 1 / num_experts)
+    return f"{10**log10_p:.1e}" if log10_p > -300 else f"1e{round(log10_p)}"
+
+
 def _finite(x: float) -> bool:
     return not (math.isnan(x) or math.isinf(x))
 
@@ -387,7 +400,8 @@ class CollapseDetector:
                     0.0,
                     dead,
                     f"{len(dead)} of {num_experts} experts (ids {list(dead)}) got no assignment out of "
-                    f"{int(assignments)} (a fair-share expert would get none with probability {p_fair:.1e})",
+                    f"{int(assignments)} (a fair-share expert would get none with probability "
+                    f"{_probability_text(num_experts, int(assignments))})",
                 )
 
         if self.max_dropped_fraction is not None:
