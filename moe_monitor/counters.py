@@ -100,8 +100,9 @@ def forward_update(
     scalars = dict.fromkeys(SCALARS)
 
     valid_T = torch.ones(num_tokens, device=device) if mask_T is None else mask_T.to(device, torch.float32)
-    logits_TE = None if routing.logits_TE is None else routing.logits_TE.detach().reshape(num_tokens, -1).float()
-    probs_TE = None if routing.probs_TE is None else routing.probs_TE.detach().reshape(num_tokens, -1).float()
+    # Explicit widths: reshape(0, -1) cannot infer the width of a forward with no tokens.
+    logits_TE = None if routing.logits_TE is None else _rows(routing.logits_TE, num_tokens)
+    probs_TE = None if routing.probs_TE is None else _rows(routing.probs_TE, num_tokens)
 
     has_logits, has_probs = logits_TE is not None, logits_TE is not None or probs_TE is not None
     prob_sum_E = None
@@ -179,6 +180,10 @@ def forward_update(
     scalar_values += cf_dropped or [zero] * len(layout.capacity_factors)
     parts.append(torch.stack(scalar_values))
     return torch.cat(parts).to(torch.float32 if device.type == "mps" else torch.float64)  # MPS has no float64
+
+
+def _rows(values_TE: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    return values_TE.detach().reshape(num_tokens, values_TE.shape[-1]).float()
 
 
 def _pad(values_E: torch.Tensor, width: int) -> torch.Tensor:

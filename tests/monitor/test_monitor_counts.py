@@ -205,3 +205,20 @@ def test_layers_with_different_expert_counts_share_one_buffer():
     assert frame.groupby("layer").size().tolist() == [3, 5]
     assert snap.extras["coactivation"][1, 3].tolist() == [1, 0, 0, 2, 1]
     assert math.isnan(snap.extras["coactivation"][0, 0, 0].item())  # top-1 layer: no co-activation
+
+
+def test_a_forward_with_no_tokens_adds_nothing_and_keeps_the_layer():
+    model = _model()
+    monitor = RouterMonitor(model, routers=[replay_spec("a", E, K)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model["a"](torch.zeros(0, E), torch.zeros(0, K, dtype=torch.long))
+        logits_TE, idx_TK, _ = _random_forward(torch.Generator().manual_seed(7), 5)
+        model["a"](logits_TE, idx_TK)
+    expected = [0] * E
+    for e in idx_TK.reshape(-1).tolist():
+        expected[e] += 1
+    snap = monitor.collect(step=0)
+    assert snap.tokens.tolist() == [5] and snap.counts[0].tolist() == expected
+    lse = torch.logsumexp(logits_TE.double(), dim=-1)
+    assert snap.stats["z_loss"][0].item() == pytest.approx(lse.square().mean().item(), rel=1e-6)
