@@ -33,6 +33,17 @@ SCALARS: tuple[str, ...] = (
 )
 
 
+class ExpertCountMismatch(ValueError):
+    """A router's logits or probabilities have ``width`` columns, but its layer was registered with ``num_experts``.
+
+    Their statistics would silently mix up experts (or index past the buffer), so the counters refuse the forward.
+    """
+
+    def __init__(self, width: int, num_experts: int) -> None:
+        super().__init__(f"router scores have {width} expert columns, but num_experts={num_experts}")
+        self.width, self.num_experts = width, num_experts
+
+
 class Layout:
     """Column layout of the packed ``[L, F]`` window buffer.
 
@@ -88,6 +99,9 @@ def forward_update(
         coactivation: add the ``[E, E]`` co-selection counts.
         counterfactual: evaluate the drop a capacity ``ceil(T / E * k * cf)`` would cause (dropless routers).
 
+    Raises:
+        ExpertCountMismatch: the logits or probabilities are not ``num_experts`` wide (a shape check, no sync).
+
     Example:
         >>> layout = Layout(num_experts=3, coactivation=False, capacity_factors=())
         >>> update = forward_update(Routing.from_topk(torch.tensor([[0], [2], [2]])), 3, 1, layout)
@@ -103,6 +117,10 @@ def forward_update(
     # Explicit widths: reshape(0, -1) cannot infer the width of a forward with no tokens.
     logits_TE = None if routing.logits_TE is None else _rows(routing.logits_TE, num_tokens)
     probs_TE = None if routing.probs_TE is None else _rows(routing.probs_TE, num_tokens)
+
+    for values_TE in (logits_TE, probs_TE):
+        if values_TE is not None and values_TE.shape[1] != e:
+            raise ExpertCountMismatch(values_TE.shape[1], e)
 
     has_logits, has_probs = logits_TE is not None, logits_TE is not None or probs_TE is not None
     prob_sum_E = None

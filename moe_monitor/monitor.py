@@ -23,7 +23,7 @@ from torch import nn
 
 from moe_monitor import stats
 from moe_monitor.adapters import NoRoutersFoundError, RouterLayer, RouterSpec, discover
-from moe_monitor.counters import Layout, forward_update
+from moe_monitor.counters import ExpertCountMismatch, Layout, forward_update
 from moe_monitor.snapshot import STAT_NAMES, Snapshot
 
 __all__ = ["RouterMonitor", "NoRoutersFoundError", "RouterSpec", "LAYER_COLUMNS", "EXPERT_COLUMNS"]
@@ -154,9 +154,16 @@ class RouterMonitor:
                     self._buffer(phase, update_F.device)[index].add_(update_F)
             except Exception as error:  # noqa: BLE001 - the monitor must never kill the step it watches
                 self._disabled.add(index)
+                if isinstance(error, ExpertCountMismatch):
+                    advice = (
+                        f"; if the router really has {error.width} experts, register it with "
+                        f"RouterSpec(name={layer.name!r}, num_experts={error.width}, top_k={layer.top_k})"
+                    )
+                else:
+                    advice = ""
                 warnings.warn(
                     f"moe_monitor: reading router {layer.name!r} failed ({type(error).__name__}: {error}); "
-                    "this layer is no longer monitored (its statistics are NaN from now on)",
+                    f"this layer is no longer monitored (its statistics are NaN from now on){advice}",
                     RuntimeWarning,
                     stacklevel=2,
                 )

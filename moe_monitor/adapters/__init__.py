@@ -161,6 +161,38 @@ def module_top_k(module: nn.Module) -> int | None:
     return None
 
 
+def module_logit_width(module: nn.Module) -> int | None:
+    """Expert scores a router module computes, read from the shape of its gate weight (``[E, D]``), or ``None``.
+
+    Example:
+        >>> module_logit_width(nn.Linear(16, 8)), module_logit_width(nn.ReLU())
+        (8, None)
+    """
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    # Switch Transformers' router keeps its gate as .classifier, the reference router as .gate.
+    for attr in ("classifier", "gate"):
+        gate = getattr(module, attr, None)
+        if isinstance(gate, nn.Linear):
+            return gate.out_features
+    # transformers' TopKRouter classes hold the gate weight [E, D] themselves and apply F.linear.
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0]
+    return None
+
+
+def _check_width(layer: RouterLayer) -> None:
+    width = module_logit_width(layer.module)
+    if width is not None and width != layer.num_experts:
+        raise ValueError(
+            f"Router {layer.name!r} ({type(layer.module).__name__}) computes {width} expert scores (the shape of its "
+            f"gate weight), but it is registered with num_experts={layer.num_experts}; its statistics would mix up "
+            f"experts. Register it with RouterSpec(name={layer.name!r}, num_experts={width}, top_k={layer.top_k})"
+            ", or give an extract function if the router's output is not its logits"
+        )
+
+
 def _manual(model: nn.Module, routers: Iterable[str | nn.Module | RouterSpec]) -> list[RouterLayer]:
     from moe_monitor.adapters import hf, reference
 
@@ -190,6 +222,7 @@ def _manual(model: nn.Module, routers: Iterable[str | nn.Module | RouterSpec]) -
             # A bare name or module of a known router type: let its adapter describe it.
             auto = reference.describe(name, module) or hf.describe(name, module, model)
             if auto is not None:
+                _check_width(auto)
                 found.append(auto)
                 continue
         num_experts = spec.num_experts or module_num_experts(module)
@@ -199,8 +232,14 @@ def _manual(model: nn.Module, routers: Iterable[str | nn.Module | RouterSpec]) -
                 f"Cannot tell the number of experts / top_k of router {name!r} ({type(module).__name__}); "
                 f"give them: RouterSpec(name={name!r}, num_experts=E, top_k=k)"
             )
-        extract = spec.extract or logits_extract(top_k)
-        found.append(RouterLayer(name, module, num_experts, top_k, extract, spec.kind, spec.dropless, "manual"))
+        layer = RouterLayer(
+            name, module, num_experts, top_k, spec.extract or logits_extract(top_k), spec.kind, spec.dropless, "manual"
+        )
+        if spec.extract is None:
+            # The logits come straight from the module: their width is known now. A custom extract function may map
+            # them (or read something else), so its layers are checked at their first forward instead.
+            _check_width(layer)
+        found.append(layer)
     return found
 
 
@@ -214,7 +253,9 @@ def discover(model: nn.Module, routers: Sequence[str | nn.Module | RouterSpec] |
 
     Raises:
         NoRoutersFoundError: nothing was found; the message lists what was searched and how to register by hand.
-        ValueError: a manual registration is inconsistent (unknown name, missing expert count).
+        ValueError: a manual registration is inconsistent (unknown name, missing expert count), or a router's gate
+            weight has another number of rows than its expert count (checked wherever the module's own output is
+            read as the logits).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
@@ -229,6 +270,8 @@ def discover(model: nn.Module, routers: Sequence[str | nn.Module | RouterSpec] |
         found = _manual(model, routers)
     else:
         found = reference.discover(model) or hf.discover(model)
+        for layer in found:
+            _check_width(layer)
     if not found:
         searched = "\n".join(f"  - {s}" for s in SEARCHED)
         raise NoRoutersFoundError(

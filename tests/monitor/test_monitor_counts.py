@@ -222,3 +222,18 @@ def test_a_forward_with_no_tokens_adds_nothing_and_keeps_the_layer():
     assert snap.tokens.tolist() == [5] and snap.counts[0].tolist() == expected
     lse = torch.logsumexp(logits_TE.double(), dim=-1)
     assert snap.stats["z_loss"][0].item() == pytest.approx(lse.square().mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("width", [E + 1, E - 1])
+def test_scores_of_another_width_than_num_experts_disable_the_layer_with_advice(width):
+    model = _model()
+    monitor = RouterMonitor(model, routers=[replay_spec("a", E, 1), replay_spec("b", E, 1)])
+    logits_TE = torch.randn(6, width, generator=torch.Generator().manual_seed(8))
+    with pytest.warns(RuntimeWarning, match=rf"RouterSpec\(name='a', num_experts={width}, top_k=1\)"):
+        model["a"](logits_TE, logits_TE[:, : E - 1].argmax(dim=-1, keepdim=True))
+    model["b"](torch.zeros(2, E), torch.tensor([[0], [1]]))
+    snap = monitor.collect(step=0)
+    assert snap.tokens.tolist() == [0, 2]
+    for name, value in snap.stats.items():
+        assert math.isnan(value[0].item()), name
+    assert snap.stats["load_entropy"][1].item() == pytest.approx(math.log(2) / math.log(E))

@@ -216,3 +216,10 @@ def test_torch_compile_traced_model_counts_like_eager():
     for _ in range(2):
         compiled(x_BSD).sum().backward()
     assert monitor.collect(step=0).counts.tolist() == [[2 * c for c in layer] for layer in expected]
+
+
+@pytest.mark.parametrize("num_experts", [3, 5])
+def test_expert_count_other_than_the_gate_width_is_a_setup_error(num_experts):
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"computes 4 expert scores.*RouterSpec\(name='0', num_experts=4, top_k=2\)"):
+        RouterMonitor(model, routers=[RouterSpec(name="0", num_experts=num_experts, top_k=2)])
