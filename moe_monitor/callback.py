@@ -193,6 +193,7 @@ class MoEMonitor(Callback):
         self._hooked = False
         self._deferred = False
         self._train_start_step = 0
+        self._stage: str | None = None
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------- state
@@ -220,7 +221,13 @@ class MoEMonitor(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`; what belongs to the monitor waits for ``setup`` if it has not run yet."""
+        """Restores :meth:`state_dict`; what belongs to the monitor waits for ``setup`` if it has not run yet.
+
+        Only ``fit`` resumes from a checkpoint: Lightning also restores callbacks for ``validate`` / ``test`` /
+        ``predict`` with a ``ckpt_path``, and those runs keep the current history, detector and controllers.
+        """
+        if self._stage not in (None, "fit"):
+            return
         if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(f"Unsupported MoEMonitor state version {state_dict.get('version')!r}.")
         self._pending_state = state_dict
@@ -267,6 +274,7 @@ class MoEMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage  # Lightning restores a checkpoint after `setup`: `load_state_dict` reads it
         if stage not in ("fit", "validate", "test"):
             return
         self._interval = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps))

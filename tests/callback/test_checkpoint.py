@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moe_monitor import AuxLossController, CollapseDetector, MoEMonitor
-from tests.callback.conftest import make_data, make_lm, make_trainer
+from tests.callback.conftest import make_data, make_lm, make_trainer, masked_loader
 
 
 def _callbacks() -> tuple[MoEMonitor, MoEMonitor]:
@@ -53,3 +55,28 @@ def test_two_instances_share_a_checkpoint_and_resume_where_they_stopped(tmp_path
     control = events[events.kind == "control"]
     assert sorted(set(control.step)) == [2, 4, 6, 8]
     assert all(not r._forward_hooks for r in [b.moe.router for b in lm2.model.blocks])
+
+
+@pytest.mark.parametrize("evaluate", ["test", "validate"])
+def test_evaluating_a_checkpoint_keeps_the_current_history_and_state(tmp_path: Path, evaluate: str) -> None:
+    watching, _ = _callbacks()
+    lm = make_lm()
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path, [watching, saver], max_steps=6, limit_val_batches=2, enable_checkpointing=True)
+    trainer.fit(lm, make_data())
+    assert watching.layer_frame().step.tolist() == [2, 2, 4, 4, 6, 6]
+    events_after_fit = watching.event_frame()
+    coef_at_6 = lm.model.blocks[0].moe.router.aux_loss_coef
+    assert coef_at_6 == 0.01 * 2**3  # doubled at the windows of steps 2, 4 and 6
+
+    # Lightning restores the callbacks' state for evaluation too; the monitor must not rewind to step 2.
+    getattr(trainer, evaluate)(lm, masked_loader(), ckpt_path=tmp_path / "step=2.ckpt", verbose=False)
+    frame = watching.layer_frame()
+    phase = "test" if evaluate == "test" else "val"
+    windows = [(2, "train"), (4, "train"), (6, "train"), (6, phase)]
+    assert list(zip(frame.step, frame.phase)) == [window for window in windows for _ in range(2)]  # two layers
+    assert watching.event_frame().equals(events_after_fit)
+
+    # A later fit carries on from the controller's current coefficient, not from the step-2 checkpoint's.
+    make_trainer(tmp_path / "again", [watching], max_steps=2, limit_val_batches=0).fit(lm, make_data())
+    assert lm.model.blocks[0].moe.router.aux_loss_coef == coef_at_6 * 2
