@@ -12,6 +12,7 @@ when ``minlength`` is given; ``index_add_`` into a fixed-size buffer does not.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -108,6 +109,26 @@ def forward_update(
         >>> update[layout.counts].tolist(), update[layout.scalar("tokens")].item()
         ([1.0, 0.0, 2.0], 3.0)
     """
+    # Under the caller's autocast (bf16-mixed training) the matrix products below would run in bf16 and round the
+    # sums (z_loss, aux_loss, co-activation counts above 256); the router statistics are defined in fp32.
+    with _autocast_off(routing.expert_idx_A.device):
+        return _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
+    return torch.autocast(device.type, enabled=False) if available(device.type) else contextlib.nullcontext()
+
+
+def _update(
+    routing: Routing,
+    num_experts: int,
+    top_k: int,
+    layout: Layout,
+    mask_T: torch.Tensor | None,
+    coactivation: bool,
+    counterfactual: bool,
+) -> torch.Tensor:
     e, width = num_experts, layout.num_experts
     device = routing.expert_idx_A.device
     num_tokens = routing.num_tokens

@@ -69,3 +69,28 @@ def test_expert_choice_counts_every_expert_at_capacity():
     assert snap.counts.tolist() == [[capacity] * 4] * 2
     assert snap.counts.tolist() == [_recount(output, 4)[0] for output in outputs]
     assert snap.stats["load_entropy"].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_statistics_stay_fp32_under_bf16_autocast():
+    # Large logits and enough tokens that bf16 rounding would show: lse**2 ~ 40, per-expert counts above 256.
+    model = _model(d_model=32, n_layers=1, seq_len=128, n_experts=8, init_std=0.5)
+    monitor = RouterMonitor(model)
+    tokens = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (output,) = _run_and_capture(model, tokens)
+    snap = monitor.collect(step=0)
+    logits_TE = output.logits_TE.double()
+    assert output.logits_TE.dtype == torch.float32
+    z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean().item()
+    probs_TE = logits_TE.softmax(dim=-1)
+    counts_E = torch.zeros(8, dtype=torch.float64).index_add_(
+        0, output.expert_idx_A, torch.ones(len(output.expert_idx_A)).double()
+    )
+    aux_loss = 8 * ((counts_E / 1024) * probs_TE.mean(dim=0)).sum().item()
+    assert snap.stats["z_loss"][0].item() == pytest.approx(z_loss, rel=1e-6)
+    assert snap.stats["aux_loss"][0].item() == pytest.approx(aux_loss, rel=1e-6)
+    assert snap.stats["top1_confidence"][0].item() == pytest.approx(probs_TE.amax(dim=-1).mean().item(), rel=1e-5)
+    chosen_TK = output.expert_idx_A.view(1024, 2)
+    coact_EE = [[int(((chosen_TK == e).any(-1) & (chosen_TK == f).any(-1)).sum()) for f in range(8)] for e in range(8)]
+    assert max(coact_EE[e][e] for e in range(8)) > 256
+    assert snap.extras["coactivation"][0].tolist() == coact_EE
