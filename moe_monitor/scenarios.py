@@ -325,10 +325,12 @@ def run(
             controller.on_train_step(monitor, step)
         if step % log_every == 0:
             snapshot = monitor.collect(step, "train")
-            new = detector.update(snapshot)
+            detected = detector.update(snapshot)
+            events += detected
+            # Every controller sees the detector's events only, as in the callback: one controller's knob
+            # changes are not alerts for the next.
             for controller in controllers:
-                new += controller.on_window(snapshot, new)
-            events += new
+                events += controller.on_window(snapshot, detected)
         if step >= steps:
             break
     seconds = time.perf_counter() - start

@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 import pytest
 from detect_toys import MICRO
 
-from moe_monitor.controllers import AuxLossController, ExpertBiasController, RouterNoiseController
-from moe_monitor.detect import CollapseDetector
+from moe_monitor.controllers import AuxLossController, Controller, ExpertBiasController, RouterNoiseController
+from moe_monitor.detect import CollapseDetector, CollapseEvent
 from moe_monitor.scenarios import SCENARIOS, Scenario, run
 
 LOG_EVERY = 10
@@ -150,3 +150,26 @@ def test_controllers_compose():
     assert changed == {"aux_loss_coef", "router_noise", "expert_bias"}
     metrics = {k for c in result.controllers for k in c.metrics()}
     assert {"controller/aux_loss/max_coef", "controller/noise/max_std", "controller/bias/updates"} <= metrics
+
+
+class Recorder(Controller):
+    """A controller with no knob: emits one control event per window and records the events it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[str]] = []
+
+    def _bind(self, model, monitor) -> None:
+        pass
+
+    def on_window(self, snapshot, events):
+        self.seen.append([e.kind for e in events])
+        return [CollapseEvent(snapshot.step, "train", "all", "probe", 1.0, 0.0, "info", "probe", (), "control")]
+
+
+def test_each_controller_sees_only_the_detector_events_as_in_the_callback():
+    first, second = Recorder(), Recorder()
+    result = run("biased_init", steps=40, log_every=LOG_EVERY, controllers=[first, second], **MICRO)
+    assert first.seen == second.seen and len(second.seen) == 4
+    assert all(kinds == ["alert"] * len(kinds) for kinds in second.seen)  # no "control" from the first one
+    assert [e.kind for e in result.events].count("control") == 8
