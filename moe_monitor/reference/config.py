@@ -28,7 +28,10 @@ class MoEConfig:
         n_experts: experts ``E`` per MoE block.
         top_k: experts per token for token choice; for expert choice the average experts per token, which sets
             the per-expert capacity ``C = ceil(T * top_k / E * capacity_factor)``.
-        router: ``"token_choice"`` (top-k over experts) or ``"expert_choice"`` (top-C over tokens).
+        router: ``"token_choice"`` (top-k over experts) or ``"expert_choice"`` (top-C over tokens). Expert choice
+            picks each expert's tokens among all ``B * S`` tokens of the batch, so a token's experts depend on later
+            tokens: it is not causal, and its validation loss is optimistic for autoregressive use (as in Zhou
+            et al. 2022, who use it for pre-training throughput, not decoding).
         capacity_factor: ``None`` for dropless token choice; otherwise each expert keeps at most
             ``ceil(T / E * top_k * capacity_factor)`` assignments. Expert choice reads ``None`` as 1.0.
         aux_loss_coef: weight of the Switch / GShard load-balancing loss.
@@ -108,6 +111,12 @@ class MoEConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be non-negative.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1).")
+        if self.expert_bias and self.router == "expert_choice":
+            # A per-expert shift cannot change which top-C tokens an expert takes, so the bias would do nothing.
+            raise ValueError(
+                "expert_bias=True has no effect with router='expert_choice' (a per-expert shift does not change an "
+                "expert's top-C tokens); use router='token_choice' or expert_bias=False."
+            )
 
     def is_moe_block(self, index: int) -> bool:
         """Whether block ``index`` (0-based) holds an MoE layer rather than a dense MLP.

@@ -43,7 +43,7 @@ def test_train_writes_tensorboard_events_and_checkpoint(tiny_preset, tmp_path, c
 
 @pytest.mark.slow
 def test_train_with_csv_logger_and_expert_choice(tiny_preset, tmp_path):
-    argv = ["train", *SMALL, "--out", str(tmp_path), "--logger", "csv", "--router", "expert_choice", "--expert-bias"]
+    argv = ["train", *SMALL, "--out", str(tmp_path), "--logger", "csv", "--router", "expert_choice"]
     assert cli.main(argv) == 0
     header = (tmp_path / "moe" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/loss", "train/aux_loss", "val/loss"} <= set(header)

@@ -22,6 +22,7 @@ from moe_monitor.reference import PRESETS, MoEConfig
         ({"aux_loss_coef": -0.1}, r"aux_loss_coef=-0.1 must be non-negative"),
         ({"seq_len": 0}, r"seq_len=0 must be at least 1"),
         ({"dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
+        ({"router": "expert_choice", "expert_bias": True}, r"expert_bias=True has no effect with router='expert_ch"),
     ],
 )
 def test_bad_config_raises_naming_the_field(overrides, message):
