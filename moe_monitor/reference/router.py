@@ -68,6 +68,19 @@ def expert_counts(expert_idx_A: torch.Tensor, n_experts: int) -> torch.Tensor:
     return counts_E.scatter_add_(0, expert_idx_A, torch.ones_like(expert_idx_A))
 
 
+def switch_capacity(num_tokens: int, n_experts: int, top_k: int, factor: float) -> int:
+    """Per-expert capacity ``ceil(T / E * k * factor)``.
+
+    Rounded to 9 decimals before the ceiling: ``50 / 2 * 2 * 1.1`` is ``55.000000000000007`` in floating point,
+    and a plain ceiling would give 56.
+
+    Example:
+        >>> switch_capacity(50, 2, 2, 1.1), switch_capacity(4096, 8, 2, 1.25)
+        (55, 1280)
+    """
+    return math.ceil(round(num_tokens / n_experts * top_k * factor, 9))
+
+
 def capacity_keep_mask(expert_idx_A: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
     """bool ``[A]``: which assignments fit in their expert's ``capacity``, first come first served in ``A`` order.
 
@@ -193,7 +206,7 @@ class Router(nn.Module):
         if self.capacity_factor is None:
             kept_A = torch.ones_like(expert_idx_A, dtype=torch.bool)
         else:
-            capacity = math.ceil(num_tokens / n_experts * self.top_k * self.capacity_factor)
+            capacity = switch_capacity(num_tokens, n_experts, self.top_k, self.capacity_factor)
             kept_A = capacity_keep_mask(expert_idx_A, n_experts, capacity)
         return token_idx_A, expert_idx_A, weight_TK.reshape(-1), kept_A
 
@@ -202,7 +215,7 @@ class Router(nn.Module):
         # tokens; expert choice therefore ignores ``expert_bias``.
         num_tokens, n_experts = probs_TE.shape
         factor = 1.0 if self.capacity_factor is None else self.capacity_factor
-        capacity = min(num_tokens, max(1, math.ceil(num_tokens * self.top_k / n_experts * factor)))
+        capacity = min(num_tokens, max(1, switch_capacity(num_tokens, n_experts, self.top_k, factor)))
         weight_EC, token_idx_EC = torch.topk(probs_TE.t(), capacity, dim=-1)
         expert_idx_A = torch.arange(n_experts, device=probs_TE.device).repeat_interleave(capacity)
         kept_A = torch.ones_like(expert_idx_A, dtype=torch.bool)

@@ -207,3 +207,15 @@ def test_router_stays_fp32_under_autocast(make_config):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = router(torch.randn(5, 16).bfloat16())
     assert out.logits_TE.dtype == out.probs_TE.dtype == out.weight_A.dtype == torch.float32
+
+
+def test_capacity_is_exact_for_decimal_factors():
+    from fractions import Fraction
+
+    from moe_monitor.reference.router import switch_capacity
+
+    # Exact rational arithmetic as the reference: ceil(T / E * k * f) with f = 1.1 given as 11/10.
+    for num_tokens in range(1, 400):
+        for n_experts, top_k in ((2, 2), (8, 2), (4, 1)):
+            exact = Fraction(num_tokens * top_k * 11, n_experts * 10)
+            assert switch_capacity(num_tokens, n_experts, top_k, 1.1) == -(-exact.numerator // exact.denominator)
