@@ -8,12 +8,14 @@ expert on its contiguous run of rows, and adds ``weight * output`` back into the
 Two equivalent ways run the experts on their runs:
 
 - ``"grouped"``: ``torch._grouped_mm`` with int32 cumulative counts as group ends. It needs no host sync, and on
-  Hopper/Blackwell GPUs in bf16 it is one CUTLASS kernel for all experts; elsewhere in CUDA PyTorch falls back to a
+  Hopper GPUs in bf16 it is one CUTLASS kernel for all experts; elsewhere in CUDA PyTorch falls back to a
   per-group loop that copies the offsets to the host.
 - ``"loop"``: split the rows with the counts read on the host (``.tolist()``, one sync) and one matmul per expert.
 
-``"auto"`` takes ``grouped`` on CUDA in bf16 with 16-byte-aligned rows and ``loop`` elsewhere (the faster one
-on CPU, measured in ``benchmarks/moe_layer.py``).
+``"auto"`` takes ``grouped`` on Hopper GPUs (compute capability 9.0: H100, H200) in bf16 with 16-byte-aligned rows
+and ``loop`` elsewhere (the faster one on CPU, measured in ``benchmarks/moe_layer.py``). Blackwell is left out on
+purpose: there ``_grouped_mm`` has been reported to give non-zero weight gradients to experts that received no
+token (pytorch/pytorch#172439), which is exactly the dead-expert case this package exists to watch.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ class Experts(nn.Module):
             return self.dispatch == "grouped"
         hidden, d_model = self.w_down.shape[1:]
         aligned = hidden * x_AD.element_size() % 16 == 0 and d_model * x_AD.element_size() % 16 == 0
-        return x_AD.is_cuda and x_AD.dtype == torch.bfloat16 and aligned
+        hopper = x_AD.is_cuda and torch.cuda.get_device_capability(x_AD.device) == (9, 0)
+        return hopper and x_AD.dtype == torch.bfloat16 and aligned
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
