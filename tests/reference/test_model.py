@@ -16,15 +16,31 @@ def test_output_shapes_and_types(make_config):
     assert out.aux_loss.shape == out.z_loss.shape == ()
 
 
-def test_causality(make_config):
+@pytest.mark.parametrize(
+    ("capacity_factor", "batch"),
+    # With capacity, drops go in token order over the flattened batch, so a later token of sequence 0 can take
+    # the capacity of an earlier token of sequence 1: causal within one sequence, checked with a batch of 1.
+    [(None, 2), (1.0, 1), (0.5, 1)],
+)
+def test_causality(make_config, capacity_factor, batch):
     torch.manual_seed(0)
-    model = MoETransformer(make_config()).eval()
-    tokens = torch.randint(0, 256, (2, 12))
+    model = MoETransformer(make_config(capacity_factor=capacity_factor)).eval()
+    tokens = torch.randint(0, 256, (batch, 12))
     changed = tokens.clone()
     changed[:, 8:] = (changed[:, 8:] + 1) % 256
     before, after = model(tokens).logits, model(changed).logits
     torch.testing.assert_close(before[:, :8], after[:, :8], rtol=0, atol=1e-6)
     assert not torch.allclose(before[:, 8:], after[:, 8:])
+
+
+def test_expert_choice_is_not_causal_as_documented(make_config):
+    torch.manual_seed(0)
+    model = MoETransformer(make_config(router="expert_choice")).eval()
+    tokens = torch.randint(0, 256, (1, 12))
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 256
+    # Each expert picks its top-C tokens among all of them, later ones included.
+    assert not torch.allclose(model(tokens).logits[:, :8], model(changed).logits[:, :8], atol=1e-6)
 
 
 def test_too_long_sequence_raises(make_config):
