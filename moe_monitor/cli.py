@@ -86,7 +86,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     model.add_argument(
         "--capacity-factor",
         type=capacity_factor_arg,
-        default=None,
+        # Absent unless given: 'none' is a value (dropless) that must be able to override a scenario's capacity.
+        default=argparse.SUPPRESS,
         help="per-expert capacity factor, or 'none' for dropless routing (default: none)",
     )
     model.add_argument("--noise", choices=NOISE_CHOICES, default=None, help="router noise in training (default: none)")
@@ -190,7 +191,6 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
     overrides: dict[str, Any] = dict(scenario_of(args).config_overrides) if args.scenario else {}
     given = {
         "router": args.router,
-        "capacity_factor": args.capacity_factor,
         "router_noise": args.noise,
         "router_noise_std": args.noise_std,
         "aux_loss_coef": args.aux_coef,
@@ -199,6 +199,8 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
         "top_k": args.top_k,
     }
     overrides.update({name: value for name, value in given.items() if value is not None})
+    if hasattr(args, "capacity_factor"):
+        overrides["capacity_factor"] = args.capacity_factor
     # The bias controller steers a per-expert buffer that only exists with expert_bias=True.
     if args.expert_bias or "bias" in control_names(args):
         overrides["expert_bias"] = True
@@ -272,7 +274,7 @@ def _precision(accelerator: str) -> str:
 
     # bf16 needs no loss scaling, and the router computes in fp32 regardless.
     wants_cuda = accelerator in ("auto", "gpu", "cuda")
-    if wants_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if wants_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
         return "bf16-mixed"
     return "32-true"
 
@@ -323,7 +325,8 @@ def run_train(args: argparse.Namespace) -> int:
         seq_len=config.seq_len,
         batch_size=settings["batch_size"],
         seed=args.seed,
-        train_samples=settings["steps"] * settings["batch_size"],
+        # Each of the world_size processes takes its share of one epoch; every one must see `steps` batches.
+        train_samples=settings["steps"] * settings["batch_size"] * trainer.world_size,
     )
     start = time.perf_counter()
     trainer.fit(lm, datamodule=data)

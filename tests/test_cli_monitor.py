@@ -52,19 +52,27 @@ def test_default_train_logs_routing_to_tensorboard_and_report_renders_it(tiny_pr
 
 
 @pytest.mark.slow
-def test_scenario_with_control_logs_the_controller(tiny_preset, tmp_path):
+def test_scenario_with_control_collapses_and_is_steered(tiny_preset, tmp_path):
     argv = ["train", *SMALL, "--out", str(tmp_path), "--logger", "csv", "--scenario", "biased_init",
-            "--control", "aux,bias"]
+            "--control", "aux,bias", "--val-every", "0"]
     assert cli.main(argv) == 0
     run_dir = tmp_path / "moe" / "version_0"
+    layers = pd.read_csv(run_dir / "moe_monitor" / "layers.csv")
+    # biased_init sends every token to experts 0 and 1 from the first step: top-2 of 8 on the same pair gives
+    # load entropy ln 2 / ln 8 = 1/3 and MaxVio 8 / 2 - 1 = 3 in the first window.
+    first = layers[layers.step == 2]
+    assert first.load_entropy.to_numpy() == pytest.approx([1 / 3, 1 / 3], abs=0.02)
+    assert first.max_violation.to_numpy() == pytest.approx([3.0, 3.0], abs=0.05)
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    controller_keys = [key for key in metrics.columns if key.startswith("controller/")]
-    assert any(key.startswith("controller/aux_loss") for key in controller_keys)
-    assert any(key.startswith("controller/bias") for key in controller_keys)
+    assert any(key.startswith("controller/aux_loss") for key in metrics.columns)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     config = checkpoint["hyper_parameters"]["config"]
-    # The scenario turns the aux loss off; --control bias needs the expert-bias buffer.
     assert config["aux_loss_coef"] == 0.0 and config["expert_bias"] is True
+    # The bias controller ran every step: experts 0 and 1 got all the tokens, so their bias went down and the
+    # others' up, by the same rate each step (mean-centred).
+    bias_E = checkpoint["state_dict"]["model.blocks.0.moe.router.expert_bias"]
+    assert bias_E.sum().abs() < 1e-6
+    assert (bias_E[:2] < 0).all() and (bias_E[2:] > 0).all()
 
 
 def test_explicit_options_win_over_the_scenario():
@@ -73,12 +81,20 @@ def test_explicit_options_win_over_the_scenario():
     assert cli.resolve_training(args)["lr"] == SCENARIOS["no_aux_high_lr"].lr
 
 
+def test_capacity_factor_none_overrides_the_scenario_s_capacity():
+    parse = cli.build_parser().parse_args
+    assert cli.build_config(parse(["train", "--scenario", "low_capacity"])).capacity_factor == 1.0
+    dropless = parse(["train", "--scenario", "low_capacity", "--capacity-factor", "none"])
+    assert cli.build_config(dropless).capacity_factor is None
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--scenario", "nope"], "--scenario='nope' is unknown; choose one of biased_init"),
         (["--control", "aux,magic"], "unknown controller 'magic'; choose from aux, noise, bias"),
         (["--no-monitor", "--control", "aux"], "need the monitor"),
+        (["--router", "expert_choice", "--control", "bias"], "expert_bias=True has no effect with router='expert_"),
     ],
 )
 def test_bad_monitor_options_exit_2_with_the_reason(tmp_path, capsys, argv, message):
@@ -89,3 +105,19 @@ def test_bad_monitor_options_exit_2_with_the_reason(tmp_path, capsys, argv, mess
 def test_report_of_a_directory_without_history_exits_2(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "no layers.csv" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_the_requested_number_of_steps(tmp_path):
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "moe_monitor.cli", "train", "--accelerator", "cpu", "--devices", "2", "--steps",
+            "4", "--batch-size", "2", "--val-every", "0", "--log-every", "2", "--threads", "1", "--logger", "csv",
+            "--out", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Trained 4 steps" in done.stdout
+    layers = pd.read_csv(tmp_path / "moe" / "version_0" / "moe_monitor" / "layers.csv")
+    # Windows of 2 steps x 2 sequences x 128 tokens on each of the 2 processes, reduced over both.
+    assert (layers.tokens == 2 * 2 * 128 * 2).all() and sorted(layers.step.unique()) == [2, 4]
