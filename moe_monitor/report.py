@@ -34,19 +34,35 @@ class RunFilesNotFoundError(FileNotFoundError):
     """Raised when a run directory holds no frames saved by the monitor."""
 
 
-def _read_frame(run_dir: Path, stem: str) -> pd.DataFrame | None:
-    """Newest ``stem.parquet`` or ``stem.csv`` anywhere under ``run_dir`` (parquet preferred), else ``None``."""
-    for pattern in (f"{stem}.parquet", f"{stem}.csv"):
-        found = sorted(run_dir.rglob(pattern), key=lambda p: p.stat().st_mtime)
-        if found:
-            newest = found[-1]
-            if newest.suffix == ".parquet":
-                try:
-                    return pd.read_parquet(newest)
-                except ImportError:
-                    continue
-            return pd.read_csv(newest)
-    return None
+def _history_dir(run_dir: Path) -> Path:
+    """The one directory under ``run_dir`` (itself included) that holds a saved ``layers`` frame.
+
+    Raises:
+        RunFilesNotFoundError: when there is none, or more than one (a parent of several runs), saying what to do.
+    """
+    found = sorted({p.parent for pattern in ("layers.csv", "layers.parquet") for p in run_dir.rglob(pattern)})
+    if not found:
+        raise RunFilesNotFoundError(
+            f"no layers.csv or layers.parquet under {run_dir}. The MoEMonitor callback writes them at the end of fit "
+            "(save_frames=True, the default); a RouterMonitor user writes them with monitor.save(DIR)."
+        )
+    if len(found) > 1:
+        listing = "\n  ".join(str(p) for p in found[:10])
+        raise RunFilesNotFoundError(
+            f"{run_dir} holds the history of {len(found)} runs; pass one of them:\n  {listing}"
+        )
+    return found[0]
+
+
+def _read_frame(history: Path, stem: str) -> pd.DataFrame | None:
+    """``stem.parquet`` (when pyarrow can read it) or ``stem.csv`` in ``history``, else ``None``."""
+    parquet, csv = history / f"{stem}.parquet", history / f"{stem}.csv"
+    if parquet.exists():
+        try:
+            return pd.read_parquet(parquet)
+        except ImportError:
+            pass
+    return pd.read_csv(csv) if csv.exists() else None
 
 
 def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
@@ -58,13 +74,8 @@ def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None, pd
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunFilesNotFoundError(f"{run_dir} is not a directory: pass the output directory of a training run.")
-    layers = _read_frame(run_dir, "layers")
-    if layers is None:
-        raise RunFilesNotFoundError(
-            f"no layers.csv or layers.parquet under {run_dir}. The MoEMonitor callback writes them at the "
-            "end of fit (save_frames=True, the default); a RouterMonitor user writes them with monitor.save(DIR)."
-        )
-    return layers, _read_frame(run_dir, "experts"), _read_frame(run_dir, "events")
+    history = _history_dir(run_dir)
+    return _read_frame(history, "layers"), _read_frame(history, "experts"), _read_frame(history, "events")
 
 
 def _fmt(value: float) -> str:
@@ -241,5 +252,7 @@ def render_report(run_dir: str | Path, title: str | None = None) -> str:
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Writes the report of ``run_dir`` to ``output`` (default ``RUN_DIR/moe_report.html``) and returns its path."""
     path = Path(output) if output is not None else Path(run_dir) / "moe_report.html"
-    path.write_text(render_report(run_dir), encoding="utf-8")
+    text = render_report(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
     return path

@@ -58,3 +58,12 @@ def test_report_without_events_says_no_alert(tmp_path):
 def test_report_on_directory_without_frames_says_what_to_do(tmp_path):
     with pytest.raises(RunFilesNotFoundError, match="save_frames=True"):
         render_report(tmp_path)
+
+
+def test_report_of_a_parent_of_several_runs_asks_for_one(tmp_path):
+    _frames(tmp_path / "a", with_events=False)
+    _frames(tmp_path / "b", with_events=False)
+    with pytest.raises(RunFilesNotFoundError, match="holds the history of 2 runs; pass one of them"):
+        render_report(tmp_path)
+    path = write_report(tmp_path / "a", tmp_path / "new" / "dir" / "r.html")
+    assert path.read_text().startswith("<!doctype html>")
