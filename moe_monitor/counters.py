@@ -23,7 +23,7 @@ from moe_monitor.routing import Routing
 # Per-layer scalar fields, after the per-expert blocks.
 SCALARS: tuple[str, ...] = (
     "tokens",  # routed tokens, padding and non-finite tokens excluded
-    "nonfinite_tokens",  # non-padding tokens whose router logits had a NaN/Inf
+    "nonfinite_tokens",  # non-padding tokens whose router logits had a NaN or +inf, or were all -inf
     "prob_tokens",  # tokens whose router probabilities were known
     "logit_tokens",  # tokens whose router logits were known
     "z_sum",  # sum of logsumexp(logits)**2
@@ -146,17 +146,23 @@ def _update(
     has_logits, has_probs = logits_TE is not None, logits_TE is not None or probs_TE is not None
     prob_sum_E = None
     if has_probs:
-        # A token with any NaN/Inf logit (or probability) is counted apart and masked out of every statistic;
-        # torch.where (not a multiply) so that NaN * 0 does not leak into the sums.
-        finite_T = (logits_TE if logits_TE is not None else probs_TE).isfinite().all(dim=-1)
-        if logits_TE is not None and probs_TE is not None:
-            finite_T = finite_T & probs_TE.isfinite().all(dim=-1)
+        # A token with a NaN or +inf logit (or a non-finite probability) is counted apart and masked out of every
+        # statistic; torch.where (not a multiply) so that NaN * 0 does not leak into the sums. A -inf logit is a
+        # legitimate mask (an expert the router may not choose, e.g. group-limited routing): probability 0. Only a
+        # token whose logits are all -inf has no distribution.
+        if logits_TE is not None:
+            finite_T = ~(logits_TE.isnan() | logits_TE.isposinf()).any(dim=-1) & ~logits_TE.isneginf().all(dim=-1)
+            if probs_TE is not None:
+                finite_T = finite_T & probs_TE.isfinite().all(dim=-1)
+        else:
+            finite_T = probs_TE.isfinite().all(dim=-1)
         scalars["nonfinite_tokens"] = (valid_T * ~finite_T).sum()
         valid_T = valid_T * finite_T
         columns_TC = []
         if has_logits:
             # Softmax, logsumexp, entropy and top-1 probability from one exp: torch.logsumexp alone costs more on
-            # the CPU than all of this, and every value here is finite once non-finite tokens are zeroed.
+            # the CPU than all of this. Once non-finite tokens are zeroed every row has a finite max; masked (-inf)
+            # entries give exp 0, so z_loss is the logsumexp over the finite entries.
             logits_TE = torch.where(finite_T[:, None], logits_TE, 0.0)
             max_T1 = logits_TE.amax(dim=-1, keepdim=True)
             shifted_TE = logits_TE - max_T1
@@ -167,7 +173,9 @@ def _update(
         if probs_TE is None:
             probs_TE = exp_TE / sumexp_T1
             top1_T1 = sumexp_T1.reciprocal()  # the largest probability is exp(0) / sum
-            entropy_T1 = log_sumexp_T1 - (probs_TE * shifted_TE).sum(dim=-1, keepdim=True)
+            # 0 * -inf is NaN: a masked expert (p = 0) adds 0 ln 0 = 0 to the entropy.
+            p_shifted_TE = torch.where(exp_TE > 0, probs_TE * shifted_TE, 0.0)
+            entropy_T1 = log_sumexp_T1 - p_shifted_TE.sum(dim=-1, keepdim=True)
         else:
             probs_TE = torch.where(finite_T[:, None], probs_TE, 0.0)
             top1_T1 = probs_TE.amax(dim=-1, keepdim=True)

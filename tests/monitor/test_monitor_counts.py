@@ -237,3 +237,34 @@ def test_scores_of_another_width_than_num_experts_disable_the_layer_with_advice(
     for name, value in snap.stats.items():
         assert math.isnan(value[0].item()), name
     assert snap.stats["load_entropy"][1].item() == pytest.approx(math.log(2) / math.log(E))
+
+
+def test_minus_inf_logits_are_masked_experts_not_nonfinite_tokens():
+    import numpy as np
+
+    model = _model()
+    monitor = RouterMonitor(model, routers=[replay_spec("a", E, K)])
+    logits_TE = torch.randn(9, E, generator=torch.Generator().manual_seed(9)) * 2
+    logits_TE[:, 3] = -math.inf  # expert 3 masked out for every token (group-limited routing does this)
+    logits_TE[8] = -math.inf  # a token with no allowed expert has no distribution
+    idx_TK = logits_TE.topk(K, dim=-1).indices
+    model["a"](logits_TE, idx_TK)
+    snap = monitor.collect(step=0)
+    z_TE = logits_TE[:8].double().numpy()
+    finite_TE = np.where(np.isfinite(z_TE), z_TE, -np.inf)
+    lse_T = np.log(np.exp(finite_TE).sum(axis=1))
+    p_TE = np.exp(finite_TE - lse_T[:, None])
+    p_log_p_TE = np.where(p_TE > 0, p_TE * np.log(np.where(p_TE > 0, p_TE, 1.0)), 0.0)
+    expected = [0] * E
+    for row in idx_TK[:8].tolist():
+        for e in row:
+            expected[e] += 1
+    assert snap.tokens.tolist() == [8] and snap.nonfinite_tokens.tolist() == [1]
+    assert snap.counts[0].tolist() == expected and expected[3] == 0
+    assert snap.stats["z_loss"][0].item() == pytest.approx(np.mean(lse_T**2), rel=1e-6)
+    assert snap.stats["top1_confidence"][0].item() == pytest.approx(p_TE.max(axis=1).mean(), rel=1e-6)
+    entropy = np.mean(-p_log_p_TE.sum(axis=1) / np.log(E))
+    assert snap.stats["router_entropy"][0].item() == pytest.approx(entropy, rel=1e-6)
+    counts_E = np.array(expected, dtype=np.float64)
+    aux = E * np.sum(counts_E / 8 * p_TE.mean(axis=0))
+    assert snap.stats["aux_loss"][0].item() == pytest.approx(aux, rel=1e-6)
