@@ -183,6 +183,8 @@ class CollapseDetector:
         z_loss_spike: alert when the router z-loss exceeds this multiple of its running median over the last
             ``z_loss_history`` windows of the same layer and phase. 3.0: z-loss drifts slowly as logits grow;
             tripling within a few windows means the logits are running away, the usual precursor of divergence.
+            Breaching windows, and every window while the alert fires, stay out of the median, so a sustained
+            spike keeps firing until the z-loss is back near its pre-spike level.
         z_loss_history: windows in the running median; the rule waits for at least ``max(4, z_loss_history//4)``.
         z_loss_min: no spike is called while the z-loss is below this. 10 means a logsumexp of about 3, the
             size of ordinary logits (zero logits over 8 experts give 4.3); small z-losses have noisy ratios and
@@ -318,7 +320,7 @@ class CollapseDetector:
                 event = self._advance(snapshot, layer, rule, verdicts[rule])
                 if event is not None:
                     new.append(event)
-            self._record_z_loss(snapshot, index)
+            self._record_z_loss(snapshot, index, verdicts.get("z_loss_spike"))
         self._events.extend(new)
         return new
 
@@ -474,11 +476,17 @@ class CollapseDetector:
         hot = [e for e in order if loads[e] > 1.5 / num_experts][:limit]
         return tuple(hot or order[:1])
 
-    def _record_z_loss(self, snap: Snapshot, index: int) -> None:
+    def _record_z_loss(self, snap: Snapshot, index: int, verdict: _Verdict | None) -> None:
         z = float(snap.stats["z_loss"][index]) if "z_loss" in snap.stats else math.nan
-        if self.z_loss_spike is not None and _finite(z):
-            key = (snap.phase, snap.layer_names[index])
-            self._z_history.setdefault(key, deque(maxlen=self.z_loss_history)).append(z)
+        if self.z_loss_spike is None or not _finite(z):
+            return
+        layer = snap.layer_names[index]
+        state = self._states.get((snap.phase, layer, "z_loss_spike"))
+        # The baseline is frozen while the rule breaches or fires: spiking windows appended to the median would
+        # raise it until a sustained spike looked like the new normal and "recovered" by itself.
+        if (verdict is not None and verdict.status == _BREACH) or (state is not None and state.active):
+            return
+        self._z_history.setdefault((snap.phase, layer), deque(maxlen=self.z_loss_history)).append(z)
 
     # -- patience and hysteresis -------------------------------------------------------------------------------
 

@@ -261,3 +261,18 @@ def test_event_validates_severity_and_kind():
         CollapseEvent(0, "train", "l", "r", 0.0, 0.0, "bad", "m")
     with pytest.raises(ValueError, match="kind='bad'"):
         CollapseEvent(0, "train", "l", "r", 0.0, 0.0, "info", "m", kind="bad")
+
+
+def test_sustained_z_loss_spike_does_not_recover_by_itself():
+    # Reviewer's case: z-loss 5 for 8 windows, then 40 for good. The spiking windows must not become the baseline.
+    det = only(CollapseDetector(), "z_loss_spike")
+    kinds = [
+        (i, e.kind)
+        for i in range(40)
+        for e in det.update(make_snapshot(BALANCED, step=i, z_loss=[5.0 if i < 8 else 40.0]))
+    ]
+    assert kinds == [(10, "alert")]
+    assert det.active == {("layer0", "z_loss_spike")}
+    # Back to the pre-spike level: recovery after `recovery` healthy windows, measured against the old median 5.
+    later = [e.kind for i in range(40, 43) for e in det.update(make_snapshot(BALANCED, step=i, z_loss=[5.0]))]
+    assert later == ["recovery"]
