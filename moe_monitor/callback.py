@@ -185,14 +185,13 @@ class MoEMonitor(Callback):
         self._sinks: list[Sink] = []
         self._interval = 1
         self._seen_step = 0
-        self._last_window_step: int | None = None
+        self._window_steps = 0  # optimizer steps in the open training window
         self._pending_state: dict[str, Any] | None = None
         self._pending_controller_state: dict[str, Any] = {}
         self._controllers_ready = False
         self._phase_scope = contextlib.ExitStack()
         self._hooked = False
         self._deferred = False
-        self._train_start_step = 0
         self._stage: str | None = None
         self._warned: set[str] = set()
 
@@ -217,7 +216,6 @@ class MoEMonitor(Callback):
             "detector": None if self.detector is None else self.detector.state_dict(),
             "controllers": controllers,
             "events": [_event_record(e) for e in self.events],
-            "last_window_step": self._last_window_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -243,7 +241,6 @@ class MoEMonitor(Callback):
         if self.detector is not None and state.get("detector") is not None:
             self.detector.load_state_dict(state["detector"])
         self.events = [CollapseEvent(**{**e, "experts": tuple(e["experts"])}) for e in state.get("events", [])]
-        self._last_window_step = state.get("last_window_step")
         # Controllers re-apply their knobs on load, which needs their `setup` (done at the start of fit) first.
         self._pending_controller_state = dict(state.get("controllers", {}))
         if self._controllers_ready:
@@ -346,7 +343,9 @@ class MoEMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------------- train
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._seen_step = self._train_start_step = trainer.global_step
+        self._seen_step = trainer.global_step
+        # The window opens with this fit: counts of a window left open by an earlier fit or a checkpoint are gone.
+        self._window_steps = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
         self._set_mask(batch)
@@ -355,6 +354,7 @@ class MoEMonitor(Callback):
         if not self._hooked or trainer.global_step == self._seen_step:
             return  # a micro-batch of gradient accumulation: the window keeps counting
         self._seen_step = step = trainer.global_step
+        self._window_steps += 1
         for controller in self.controllers:
             self._safely(
                 f"run {_controller_name(controller)}.on_train_step", controller.on_train_step, self.monitor, step
@@ -363,13 +363,12 @@ class MoEMonitor(Callback):
             self._train_window(trainer, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
-        if self._hooked and step > self._train_start_step and step != self._last_window_step:
-            self._train_window(trainer, step)  # the steps since the last full window
+        if self._hooked and self._window_steps > 0:
+            self._train_window(trainer, trainer.global_step)  # the steps since the last full window
 
     def _train_window(self, trainer: pl.Trainer, step: int) -> None:
         assert self.monitor is not None
-        self._last_window_step = step
+        self._window_steps = 0
         snapshot = self._safely("close the training window", self.monitor.collect, step, "train")
         if snapshot is None:
             return
