@@ -48,6 +48,12 @@ class MoEMonitor(Callback):
     validation run (sanity check excluded) and each test run is one window of phase ``"val"`` / ``"test"``. An
     ``attention_mask`` in a dict-like batch (``Mapping``, Hugging Face ``BatchEncoding``) excludes padding.
 
+    Windows stay aligned to multiples of ``log_every_n_steps``, so some are shorter: the steps left when ``fit``
+    ends, and the first window after resuming from a checkpoint written mid-window (its counts so far are not in
+    the checkpoint). A training window of fewer than half of ``log_every_n_steps`` steps is logged but not shown to
+    the detector, whose thresholds and patience are meant for full windows; the controllers still see it, with no
+    new detector events (they act on the alerts of full windows).
+
     The hooks are removed at ``teardown`` and when the run raises. At the end of ``fit``, rank zero writes the
     history (``layers.csv``, ``experts.csv``, ``events.csv``) to ``<trainer.log_dir>/moe_monitor`` (or
     ``<default_root_dir>/moe_monitor`` without a logger); it stays in memory too: :meth:`layer_frame`,
@@ -368,12 +374,14 @@ class MoEMonitor(Callback):
 
     def _train_window(self, trainer: pl.Trainer, step: int) -> None:
         assert self.monitor is not None
+        # Too few steps for the detector's thresholds and patience, which assume full windows (see class doc).
+        short = 2 * self._window_steps < self._interval
         self._window_steps = 0
         snapshot = self._safely("close the training window", self.monitor.collect, step, "train")
         if snapshot is None:
             return
         events: list[CollapseEvent] = []
-        if self.detector is not None:
+        if self.detector is not None and not short:
             events += self._safely("run the collapse detector", self.detector.update, snapshot) or []
         detected = list(events)
         for controller in self.controllers:
