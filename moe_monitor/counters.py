@@ -30,6 +30,7 @@ SCALARS: tuple[str, ...] = (
     "entropy_sum",  # sum of normalised router entropies
     "top1_sum",  # sum of largest router probabilities
     "dropped",  # assignments dropped for capacity
+    "drop_unknown",  # assignments of a router with a capacity that did not say which it dropped
     "cf_assignments",  # assignments of the forwards where the counterfactual drop was evaluated
 )
 
@@ -51,7 +52,7 @@ class Layout:
     Example:
         >>> layout = Layout(num_experts=4, coactivation=True, capacity_factors=(1.0, 1.25))
         >>> layout.width, layout.scalar("tokens")
-        (35, 24)
+        (36, 24)
     """
 
     def __init__(self, num_experts: int, coactivation: bool, capacity_factors: Sequence[float]) -> None:
@@ -85,6 +86,7 @@ def forward_update(
     mask_T: torch.Tensor | None = None,
     coactivation: bool = False,
     counterfactual: bool = False,
+    dropless: bool = True,
 ) -> torch.Tensor:
     """What one router forward adds to its layer's row of the window buffer: ``float64 [F]``, on the router's device.
 
@@ -99,6 +101,8 @@ def forward_update(
         mask_T: ``[T]`` 1 for real tokens, 0 for padding; ``None`` counts every token.
         coactivation: add the ``[E, E]`` co-selection counts.
         counterfactual: evaluate the drop a capacity ``ceil(T / E * k * cf)`` would cause (dropless routers).
+        dropless: the router has no capacity limit, so ``routing.kept_A is None`` means nothing was dropped; when
+            ``False`` such a forward's assignments count as ``drop_unknown`` (its dropped fraction is not known).
 
     Raises:
         ExpertCountMismatch: the logits or probabilities are not ``num_experts`` wide (a shape check, no sync).
@@ -112,7 +116,7 @@ def forward_update(
     # Under the caller's autocast (bf16-mixed training) the matrix products below would run in bf16 and round the
     # sums (z_loss, aux_loss, co-activation counts above 256); the router statistics are defined in fp32.
     with _autocast_off(routing.expert_idx_A.device):
-        return _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual)
+        return _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless)
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -128,6 +132,7 @@ def _update(
     mask_T: torch.Tensor | None,
     coactivation: bool,
     counterfactual: bool,
+    dropless: bool,
 ) -> torch.Tensor:
     e, width = num_experts, layout.num_experts
     device = routing.expert_idx_A.device
@@ -204,6 +209,8 @@ def _update(
     scalars["logit_tokens"] = tokens if has_logits else None
     if routing.kept_A is not None:
         scalars["dropped"] = (weight_A * ~routing.kept_A.reshape(-1)).sum()
+    elif not dropless:
+        scalars["drop_unknown"] = counts_E.sum()
 
     parts = [_pad(counts_E, width), _pad(prob_sum_E, width) if prob_sum_E is not None else counts_E.new_zeros(width)]
     if layout.coactivation:

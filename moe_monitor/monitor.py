@@ -135,6 +135,8 @@ class RouterMonitor:
                 return
             phase = self._phase_override or ("train" if module.training else "val")
             try:
+                # Read per forward where the router's kind and capacity may change between steps (reference).
+                kind, dropless = (layer.kind, layer.dropless) if layer.live is None else layer.live(module)
                 with torch.no_grad():
                     routing = layer.extract(module, args, output)
                     update_F = forward_update(
@@ -146,10 +148,11 @@ class RouterMonitor:
                         self.layout,
                         mask_T=self._mask_for(routing.num_tokens, routing.expert_idx_A.device),
                         coactivation=self._coactivation[index],
-                        # Read per forward: the reference router's kind and capacity may be changed between steps.
                         counterfactual=counterfactual
+                        and dropless
                         and routing.kept_A is None
-                        and getattr(module, "kind", layer.kind) == "token_choice",
+                        and kind == "token_choice",
+                        dropless=dropless,
                     )
                     self._buffer(phase, update_F.device)[index].add_(update_F)
             except Exception as error:  # noqa: BLE001 - the monitor must never kill the step it watches
@@ -300,11 +303,13 @@ class RouterMonitor:
 
         Returns:
             The window's :class:`~moe_monitor.snapshot.Snapshot` (CPU tensors). Its ``extras``:
-            ``"assignments"`` ``[L]``; ``"counterfactual_drop@<cf>"`` ``[L]``, the fraction of assignments a capacity
-            of ``ceil(T / E * k * cf)`` per forward would have dropped (``T`` the forward's counted tokens; NaN for
-            routers that have a real capacity, and for expert choice); ``"coactivation"`` ``[L, E, E]`` (when
-            enabled), entry ``[l, e, f]`` = tokens that chose both ``e`` and ``f``, the diagonal being the counts
-            (NaN for top-1 layers).
+            ``"assignments"`` ``[L]``; ``"drop_unknown"`` ``[L]``, assignments of a router with a capacity
+            (``dropless=False``) whose adapter did not say which it dropped (``dropped_fraction`` is NaN when > 0;
+            ``dropped`` counts only the known drops); ``"counterfactual_drop@<cf>"`` ``[L]``, the fraction of
+            assignments a capacity of ``ceil(T / E * k * cf)`` per forward would have dropped (``T`` the forward's
+            counted tokens; NaN for routers that have a real capacity, and for expert choice); ``"coactivation"``
+            ``[L, E, E]`` (when enabled), entry ``[l, e, f]`` = tokens that chose both ``e`` and ``f``, the diagonal
+            being the counts (NaN for top-1 layers).
         """
         layout = self.layout
         host_LF = self._reduce(phase)
@@ -323,9 +328,10 @@ class RouterMonitor:
             column["entropy_sum"],
             column["top1_sum"],
             column["dropped"],
+            column["drop_unknown"],
         )
         stat_values = {name: torch.where(disabled_L, math.nan, stat_values[name]) for name in STAT_NAMES}
-        extras: dict[str, torch.Tensor] = {"assignments": counts_LE.sum(dim=1)}
+        extras: dict[str, torch.Tensor] = {"assignments": counts_LE.sum(dim=1), "drop_unknown": column["drop_unknown"]}
         for cf in layout.capacity_factors:
             dropped_L = column[f"cf_dropped@{float(cf)!r}"]
             extras[f"counterfactual_drop@{float(cf)!r}"] = dropped_L / column["cf_assignments"]

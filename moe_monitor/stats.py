@@ -109,11 +109,13 @@ def compute(
     entropy_sum_L: torch.Tensor,
     top1_sum_L: torch.Tensor,
     dropped_L: torch.Tensor,
+    drop_unknown_L: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every SPEC §3 statistic (keys as ``moe_monitor.snapshot.STAT_NAMES``) from a window's reduced sums.
 
     ``prob_tokens_L`` / ``logit_tokens_L`` are the tokens whose probabilities / logits were known: 0 makes the
-    statistics that need them NaN.
+    statistics that need them NaN. ``drop_unknown_L`` > 0 (assignments of a router with a capacity that did not
+    report its drops) makes ``dropped_fraction`` NaN: 0 would be a made-up number.
 
     Example:
         >>> f64 = lambda *v: torch.tensor(v, dtype=torch.float64)
@@ -125,8 +127,11 @@ def compute(
     counts_LE, prob_sum_LE = counts_LE.reshape(len(num_experts_L), -1), prob_sum_LE.reshape(len(num_experts_L), -1)
     assignments_L = counts_LE.sum(dim=1)
     no_probs = prob_tokens_L == 0
+    dropped_fraction_L = dropped_L / assignments_L
+    if drop_unknown_L is not None:
+        dropped_fraction_L = torch.where(drop_unknown_L > 0, math.nan, dropped_fraction_L)
     return {
-        "dropped_fraction": dropped_L / assignments_L,
+        "dropped_fraction": dropped_fraction_L,
         "load_entropy": load_entropy(counts_LE, num_experts_L),
         "max_violation": max_violation(counts_LE, num_experts_L),
         "cv": cv(counts_LE, num_experts_L),

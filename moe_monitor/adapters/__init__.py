@@ -54,7 +54,8 @@ class RouterSpec:
             first element) must be the router logits ``[..., E]`` and the top-``k`` experts are recomputed from them.
         kind: ``"token_choice"`` or ``"expert_choice"``.
         dropless: whether the router never drops assignments for capacity; the counterfactual drop rate is only
-            computed for dropless token-choice routers.
+            computed for dropless token-choice routers. With ``dropless=False`` and an extract function that gives
+            no ``kept_A``, the dropped fraction is unknown: NaN, not 0.
 
     Example:
         >>> gate = nn.Linear(16, 4, bias=False)
@@ -85,6 +86,8 @@ class RouterLayer:
         kind: ``"token_choice"`` or ``"expert_choice"``.
         dropless: ``True`` when the router never drops assignments for capacity.
         adapter: which adapter found it (``"manual"``, ``"reference"``, ``"hf"``, ``"hf-linear"``).
+        live: for routers whose kind and capacity may change between steps (the reference router),
+            ``fn(module) -> (kind, dropless)`` read at every forward instead of ``kind`` and ``dropless``.
     """
 
     name: str
@@ -96,6 +99,7 @@ class RouterLayer:
     dropless: bool = True
     adapter: str = "manual"
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
+    live: Callable[[nn.Module], tuple[str, bool]] | None = field(default=None, repr=False)
 
 
 def logits_extract(top_k: int, probs: str = "softmax") -> Extract:

@@ -45,13 +45,19 @@ def extract(module: nn.Module, args: tuple, output: Any) -> Routing:
     )
 
 
+def live(module: nn.Module) -> tuple[str, bool]:
+    """``(kind, dropless)`` of the reference router now: its contract lets both change between steps."""
+    return getattr(module, "kind", "token_choice"), getattr(module, "capacity_factor", None) is None
+
+
 def describe(name: str, module: nn.Module) -> RouterLayer | None:
     """The :class:`RouterLayer` of a reference router, else ``None``."""
     if not is_reference_router(module):
         return None
-    kind = getattr(module, "kind", "token_choice")
-    dropless = getattr(module, "capacity_factor", None) is None
-    return RouterLayer(name, module, int(module.n_experts), int(module.top_k), extract, kind, dropless, "reference")
+    kind, dropless = live(module)
+    return RouterLayer(
+        name, module, int(module.n_experts), int(module.top_k), extract, kind, dropless, "reference", live=live
+    )
 
 
 def discover(model: nn.Module) -> list[RouterLayer]:

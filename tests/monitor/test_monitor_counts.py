@@ -268,3 +268,25 @@ def test_minus_inf_logits_are_masked_experts_not_nonfinite_tokens():
     counts_E = np.array(expected, dtype=np.float64)
     aux = E * np.sum(counts_E / 8 * p_TE.mean(axis=0))
     assert snap.stats["aux_loss"][0].item() == pytest.approx(aux, rel=1e-6)
+
+
+def test_capacity_router_without_drop_information_has_unknown_not_zero_drops():
+    model = _model()
+    monitor = RouterMonitor(model, routers=[replay_spec("a", E, K, dropless=False), replay_spec("b", E, K)])
+    gen = torch.Generator().manual_seed(10)
+    logits_TE, idx_TK, kept_TK = _random_forward(gen, 8, drop_p=0.5)
+    model["a"](logits_TE, idx_TK, kept_TK)  # this forward says which assignments it dropped ...
+    model["a"](logits_TE, idx_TK)  # ... this one does not
+    model["b"](logits_TE, idx_TK)  # dropless: no kept_A means nothing dropped
+    snap = monitor.collect(step=0)
+    assert snap.dropped.tolist() == [int((~kept_TK).sum()), 0]
+    assert snap.extras["drop_unknown"].tolist() == [8 * K, 0]
+    assert math.isnan(snap.stats["dropped_fraction"][0].item())
+    assert snap.stats["dropped_fraction"][1].item() == 0.0
+    # The counterfactual drop of a "what if it had a capacity" is for dropless routers only.
+    assert math.isnan(snap.extras["counterfactual_drop@1.0"][0].item())
+    assert math.isfinite(snap.extras["counterfactual_drop@1.0"][1].item())
+    # The next window, where every forward reports its drops, has a known dropped fraction again.
+    model["a"](logits_TE, idx_TK, kept_TK)
+    snap = monitor.collect(step=1)
+    assert snap.stats["dropped_fraction"][0].item() == pytest.approx(float((~kept_TK).sum()) / (8 * K))

@@ -94,3 +94,19 @@ def test_statistics_stay_fp32_under_bf16_autocast():
     coact_EE = [[int(((chosen_TK == e).any(-1) & (chosen_TK == f).any(-1)).sum()) for f in range(8)] for e in range(8)]
     assert max(coact_EE[e][e] for e in range(8)) > 256
     assert snap.extras["coactivation"][0].tolist() == coact_EE
+
+
+def test_capacity_changed_between_steps_is_read_per_forward():
+    model = _model(capacity_factor=0.5)
+    monitor = RouterMonitor(model)
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    outputs = _run_and_capture(model, tokens)
+    snap = monitor.collect(step=0)
+    assert snap.dropped.tolist() == [_recount(output, 4)[1] for output in outputs]
+    assert all(math.isnan(v) for v in snap.extras["counterfactual_drop@1.0"].tolist())
+    for block in model.blocks:
+        block.moe.router.capacity_factor = None
+    model(tokens)
+    snap = monitor.collect(step=1)
+    assert snap.stats["dropped_fraction"].tolist() == [0.0, 0.0]
+    assert all(math.isfinite(v) for v in snap.extras["counterfactual_drop@1.0"].tolist())
