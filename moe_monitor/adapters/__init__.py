@@ -202,6 +202,7 @@ def _manual(model: nn.Module, routers: Iterable[str | nn.Module | RouterSpec]) -
 
     names = {id(m): n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
+    position = {id(m): i for i, m in enumerate(modules.values())}
     found: list[RouterLayer] = []
     for item in routers:
         spec = (
@@ -222,6 +223,9 @@ def _manual(model: nn.Module, routers: Iterable[str | nn.Module | RouterSpec]) -
         name = spec.name or names.get(id(module))
         if name is None:
             raise ValueError(f"Module {type(module).__name__} given in routers= is not a submodule of the model")
+        if any(layer.module is module for layer in found):
+            # Two hooks on one module would count every forward twice.
+            raise ValueError(f"Router {name!r} is given twice in routers=; list each router once")
         if spec.extract is None and spec.num_experts is None and spec.top_k is None:
             # A bare name or module of a known router type: let its adapter describe it.
             auto = reference.describe(name, module) or hf.describe(name, module, model)
@@ -244,7 +248,8 @@ def _manual(model: nn.Module, routers: Iterable[str | nn.Module | RouterSpec]) -
             # them (or read something else), so its layers are checked at their first forward instead.
             _check_width(layer)
         found.append(layer)
-    return found
+    # .layers is in model order whatever the order of routers=, so layer indices match the model's blocks.
+    return sorted(found, key=lambda layer: position[id(layer.module)])
 
 
 def discover(model: nn.Module, routers: Sequence[str | nn.Module | RouterSpec] | None = None) -> list[RouterLayer]:

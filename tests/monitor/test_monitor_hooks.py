@@ -223,3 +223,19 @@ def test_expert_count_other_than_the_gate_width_is_a_setup_error(num_experts):
     model = nn.Sequential(nn.Linear(8, 4))
     with pytest.raises(ValueError, match=r"computes 4 expert scores.*RouterSpec\(name='0', num_experts=4, top_k=2\)"):
         RouterMonitor(model, routers=[RouterSpec(name="0", num_experts=num_experts, top_k=2)])
+
+
+def test_manual_registration_is_listed_in_model_order_and_rejects_duplicates():
+    torch.manual_seed(8)
+    model = ToyModel(n_layers=3)
+    names = [name for name, module in model.named_modules() if name.endswith("router")]
+    monitor = RouterMonitor(model, routers=[names[2], model.blocks[0].router, RouterSpec(name=names[1])])
+    assert names == ["blocks.0.router", "blocks.1.router", "blocks.2.router"]
+    assert [layer.name for layer in monitor.layers] == names
+    x_BSD = torch.randn(1, 3, 8)
+    model(x_BSD)
+    assert monitor.collect(step=0).counts.tolist() == _expected_counts(model, x_BSD)
+    monitor.remove()
+    with pytest.raises(ValueError, match="'blocks.0.router' is given twice"):
+        RouterMonitor(model, routers=["blocks.0.router", model.blocks[0].router])
+    assert all(not block.router._forward_hooks for block in model.blocks)
