@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Literal
@@ -36,6 +37,7 @@ _CONTROLLER_METHODS = ("setup", "on_train_step", "on_window", "metrics", "state_
 _STATE_VERSION = 1
 # Forwards of the sanity-check validation go to a phase that is never collected, so they are never counted.
 _SANITY_PHASE = "sanity_check"
+_DISTRIBUTED_DIR = os.path.dirname(torch.distributed.__file__) + os.sep
 
 
 class MoEMonitor(Callback):
@@ -58,7 +60,8 @@ class MoEMonitor(Callback):
     history (``layers.csv``, ``experts.csv``, ``events.csv``) to ``<trainer.log_dir>/moe_monitor`` (or
     ``<default_root_dir>/moe_monitor`` without a logger); it stays in memory too: :meth:`layer_frame`,
     :meth:`expert_frame`, :meth:`event_frame`. A failing logger, detector, controller or missing optional
-    package warns once and never stops training.
+    package warns once and never stops training. An error raised inside ``torch.distributed`` (a broken process
+    group) is not caught: swallowed on one process, it would leave the others waiting in the next collective.
 
     **Logged metrics** (through every logger of the trainer, at ``step=trainer.global_step``, rank zero only;
     ``<phase>`` is ``train``, ``val`` or ``test``; ``<LL>`` is the router's index in model order, ``L00``, ``L01``,
@@ -486,10 +489,16 @@ class MoEMonitor(Callback):
             self._safely(f"write to the {sink.name} sink", sink.log_window, snapshot, metrics, events)
 
     def _safely(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Runs one step of the monitor's own work; on error warns once per ``what`` and lets training go on."""
+        """Runs one step of the monitor's own work; on error warns once per ``what`` and lets training go on.
+
+        Errors raised inside ``torch.distributed`` (a collective on a broken process group) are re-raised: a
+        process that carried on would leave the others waiting in their next collective.
+        """
         try:
             return fn(*args)
         except Exception as err:  # the monitor must never kill the run it watches
+            if _raised_in_distributed(err):
+                raise
             if what not in self._warned:
                 self._warned.add(what)
                 rank_zero_warn(
@@ -498,6 +507,13 @@ class MoEMonitor(Callback):
                     category=RuntimeWarning,
                 )
             return None
+
+
+def _raised_in_distributed(err: BaseException) -> bool:
+    if isinstance(err, getattr(torch.distributed, "DistError", ())):
+        return True
+    # Gloo reports a lost peer as a plain RuntimeError: look for a torch.distributed frame where it was raised.
+    return any(f.f_code.co_filename.startswith(_DISTRIBUTED_DIR) for f, _ in traceback.walk_tb(err.__traceback__))
 
 
 def _controller_name(controller: Any) -> str:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
 
 from moe_monitor import CollapseDetector, MoEMonitor
-from tests.callback.conftest import SEQ_LEN, make_data, make_lm, make_trainer
+from tests.callback.conftest import SEQ_LEN, make_data, make_lm, make_trainer, routers_of
 
 
 @pytest.mark.slow
@@ -33,3 +38,30 @@ def test_ddp_windows_cover_both_processes_and_every_rank_stops_together(tmp_path
     )
     events = pd.read_csv(Path(logger.log_dir) / "moe_monitor" / "events.csv")
     assert "load_entropy" in set(events.rule)
+
+
+@pytest.mark.slow
+def test_a_broken_process_group_raises_instead_of_leaving_the_other_ranks_waiting(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    # Rank 1 joins the group and exits at once: the group is broken, as when a worker crashes.
+    peer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import torch.distributed as d; d.init_process_group('gloo', init_method='{url}', rank=1, world_size=2)",
+        ]
+    )
+    dist.init_process_group("gloo", init_method=url, rank=0, world_size=2, timeout=timedelta(seconds=30))
+    try:
+        assert peer.wait(timeout=60) == 0
+        lm = make_lm()
+        callback = MoEMonitor(log_every_n_steps=1, detector=None)
+        trainer = make_trainer(tmp_path, [callback], max_steps=3, limit_val_batches=0)
+        with pytest.raises(RuntimeError, match="[Cc]onnection|[Pp]eer"):
+            trainer.fit(lm, make_data())  # the all_reduce of the first window fails
+        assert trainer.global_step == 1
+        assert all(not router._forward_hooks for router in routers_of(lm))
+    finally:
+        dist.destroy_process_group()
