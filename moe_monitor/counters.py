@@ -32,6 +32,7 @@ SCALARS: tuple[str, ...] = (
     "dropped",  # assignments dropped for capacity
     "drop_unknown",  # assignments of a router with a capacity that did not say which it dropped
     "cf_assignments",  # assignments of the forwards where the counterfactual drop was evaluated
+    "disabled",  # 0 from the hooks; set to 1 at collect time by a process that stopped monitoring the layer
 )
 
 
@@ -52,7 +53,7 @@ class Layout:
     Example:
         >>> layout = Layout(num_experts=4, coactivation=True, capacity_factors=(1.0, 1.25))
         >>> layout.width, layout.scalar("tokens")
-        (36, 24)
+        (37, 24)
     """
 
     def __init__(self, num_experts: int, coactivation: bool, capacity_factors: Sequence[float]) -> None:

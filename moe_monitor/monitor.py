@@ -282,6 +282,10 @@ class RouterMonitor:
         else:
             device = self._home_device()
             total = torch.zeros(len(self.layers), self.layout.width, dtype=_buffer_dtype(device), device=device)
+        if self._disabled:
+            # Reduced with everything else, so that a layer disabled on one process is NaN on every process and
+            # decisions taken from the statistics stay the same everywhere.
+            total[sorted(self._disabled), self.layout.scalar("disabled")] = 1.0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_backend() == "nccl" and total.device.type != "cuda":
                 total = total.to(torch.device("cuda", torch.cuda.current_device()))
@@ -295,7 +299,8 @@ class RouterMonitor:
         """Closes ``phase``'s window: reduces it, computes the statistics, appends them to the history, resets it.
 
         A collective when ``torch.distributed`` is initialised: every process must call it. Layers disabled
-        after an extraction error and windows with no tokens give NaN statistics.
+        after an extraction error (on any process: the flag is reduced with the counts, so every process returns the
+        same snapshot) and windows with no tokens give NaN statistics.
 
         Args:
             step: the step number recorded with the window.
@@ -303,7 +308,8 @@ class RouterMonitor:
 
         Returns:
             The window's :class:`~moe_monitor.snapshot.Snapshot` (CPU tensors). Its ``extras``:
-            ``"assignments"`` ``[L]``; ``"drop_unknown"`` ``[L]``, assignments of a router with a capacity
+            ``"assignments"`` ``[L]``; ``"disabled"`` ``[L]``, 1.0 for a layer no longer monitored on some process;
+            ``"drop_unknown"`` ``[L]``, assignments of a router with a capacity
             (``dropless=False``) whose adapter did not say which it dropped (``dropped_fraction`` is NaN when > 0;
             ``dropped`` counts only the known drops); ``"counterfactual_drop@<cf>"`` ``[L]``, the fraction of
             assignments a capacity of ``ceil(T / E * k * cf)`` per forward would have dropped (``T`` the forward's
@@ -316,7 +322,7 @@ class RouterMonitor:
         num_experts_L = torch.tensor([layer.num_experts for layer in self.layers])
         column = {name: host_LF[:, layout.scalar(name)] for name in layout.scalar_names}
         counts_LE = host_LF[:, layout.counts]
-        disabled_L = torch.tensor([i in self._disabled for i in range(len(self.layers))])
+        disabled_L = column["disabled"] > 0
         stat_values = stats.compute(
             counts_LE,
             host_LF[:, layout.prob_sum],
@@ -331,7 +337,11 @@ class RouterMonitor:
             column["drop_unknown"],
         )
         stat_values = {name: torch.where(disabled_L, math.nan, stat_values[name]) for name in STAT_NAMES}
-        extras: dict[str, torch.Tensor] = {"assignments": counts_LE.sum(dim=1), "drop_unknown": column["drop_unknown"]}
+        extras: dict[str, torch.Tensor] = {
+            "assignments": counts_LE.sum(dim=1),
+            "drop_unknown": column["drop_unknown"],
+            "disabled": disabled_L.double(),
+        }
         for cf in layout.capacity_factors:
             dropped_L = column[f"cf_dropped@{float(cf)!r}"]
             extras[f"counterfactual_drop@{float(cf)!r}"] = dropped_L / column["cf_assignments"]
