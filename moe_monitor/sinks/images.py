@@ -14,8 +14,9 @@ import torch
 def heatmap_image(loads_LE: torch.Tensor, num_experts: Sequence[int], labels: Sequence[str], title: str) -> np.ndarray:
     """Draws each layer's expert loads as one row of a heatmap, with axes and a colour bar.
 
-    The colour scale runs from 0 to twice the balanced load ``1 / E``, so a balanced layer is one flat mid colour,
-    a dead expert is dark and a hot expert saturates. Columns beyond a layer's own ``num_experts`` are blank.
+    Each row is divided by its own layer's fair share ``1 / E`` (colour = ``load * E``, from 0 to 2), so a balanced
+    layer is one flat mid colour whatever its number of experts, a dead expert is dark and an expert with twice its
+    fair share or more saturates. Columns beyond a layer's own ``num_experts`` are blank.
 
     Args:
         loads_LE: ``[L, E]`` share of each layer's assignments per expert.
@@ -43,22 +44,22 @@ def heatmap_image(loads_LE: torch.Tensor, num_experts: Sequence[int], labels: Se
             " logged without it)."
         ) from err
 
-    loads_LE = loads_LE.double().clone()
     num_layers, width = loads_LE.shape
+    experts_L1 = torch.tensor(num_experts, dtype=torch.float64).reshape(-1, 1)
+    share_LE = loads_LE.double() * experts_L1  # 1 = fair share in every row
     for layer, experts in enumerate(num_experts):
-        loads_LE[layer, experts:] = float("nan")
-    vmax = 2.0 / max(1, max(num_experts))
+        share_LE[layer, experts:] = float("nan")
 
     # A Figure without pyplot keeps no global state and is safe off the main thread.
     fig = Figure(figsize=(1.6 + 0.28 * width, 1.0 + 0.28 * num_layers), dpi=80)
     ax = fig.add_subplot()
-    image = ax.imshow(loads_LE.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    image = ax.imshow(share_LE.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=2.0, interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_yticks(range(num_layers), labels)
     step_x = max(1, width // 16)
     ax.set_xticks(range(0, width, step_x))
     ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="load")
+    fig.colorbar(image, ax=ax, label="load / fair share (1 = balanced)")
     fig.tight_layout()
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
