@@ -58,6 +58,23 @@ def _in_backward() -> bool:
     return _graph_task_id() != -1
 
 
+@torch.library.custom_op("moe_monitor::forward_weight", mutates_args=())
+def _forward_weight(like: torch.Tensor) -> torch.Tensor:
+    """``1`` in a forward, ``0`` in a recompute during backward: a 0-dim tensor on ``like``'s device.
+
+    The compiled form of :func:`_in_backward`. A graph cannot branch on the graph task id (dynamo graph-breaks on it
+    and ``fullgraph=True`` fails), and tracing the check away would be wrong: a compiled module called inside an
+    eager ``torch.utils.checkpoint`` re-runs its whole graph, counter update included, during backward. As an opaque
+    op the check runs each time the graph runs, and its result scales the update (a device fill, no host sync).
+    """
+    return torch.full((), 0.0 if _in_backward() else 1.0, dtype=like.dtype, device=like.device)
+
+
+@_forward_weight.register_fake
+def _(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(())
+
+
 class RouterMonitor:
     """Counts what every MoE router of a model does, on the device, and turns each window into statistics.
 
@@ -77,6 +94,11 @@ class RouterMonitor:
     then on) rather than killing the training step.
 
     Distributed: every process must call :meth:`collect` for the same phases in the same order (it is a collective).
+
+    ``torch.compile``: the hooks trace without a graph break (``fullgraph=True`` works). Recomputes stay uncounted
+    when compiled modules run inside an eager ``torch.utils.checkpoint``, and when checkpointing inside a compiled
+    model makes dynamo fall back to eager for the checkpointed blocks; ``fullgraph=True`` together with checkpointing
+    inside the compiled region is refused by dynamo (the counter update is a side effect in a checkpointed region).
 
     Args:
         model: the model to watch.
@@ -131,7 +153,8 @@ class RouterMonitor:
         counterfactual = bool(self.layout.capacity_factors)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if index in self._disabled or _in_backward():
+            compiling = torch.compiler.is_compiling()
+            if index in self._disabled or (not compiling and _in_backward()):
                 return
             phase = self._phase_override or ("train" if module.training else "val")
             try:
@@ -154,6 +177,8 @@ class RouterMonitor:
                         and kind == "token_choice",
                         dropless=dropless,
                     )
+                    if compiling:
+                        update_F = update_F * _forward_weight(update_F)
                     self._buffer(phase, update_F.device)[index].add_(update_F)
             except Exception as error:  # noqa: BLE001 - the monitor must never kill the step it watches
                 self._disabled.add(index)

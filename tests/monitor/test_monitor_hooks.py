@@ -218,6 +218,37 @@ def test_torch_compile_traced_model_counts_like_eager():
     assert monitor.collect(step=0).counts.tolist() == [[2 * c for c in layer] for layer in expected]
 
 
+@pytest.mark.slow
+def test_torch_compile_fullgraph_traces_the_hooks_without_a_graph_break():
+    torch.manual_seed(7)
+    model = ToyModel()
+    x_BSD = torch.randn(2, 5, 8)
+    expected = _expected_counts(model, x_BSD)
+    monitor = _monitor(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    compiled(x_BSD).sum().backward()
+    assert monitor.collect(step=0).counts.tolist() == expected
+
+
+@pytest.mark.slow
+def test_compiled_blocks_recomputed_by_eager_checkpointing_are_not_counted():
+    torch.manual_seed(7)
+    model = ToyModel()
+    x_BSD = torch.randn(2, 5, 8, requires_grad=True)
+    expected = _expected_counts(model, x_BSD.detach())
+    monitor = _monitor(model)
+    torch._dynamo.reset()
+    # The whole compiled graph, counter update included, re-runs during backward: the update must be weighted 0.
+    blocks = [torch.compile(block, backend="aot_eager") for block in model.blocks]
+    h_BSD = x_BSD
+    for block in blocks:
+        h_BSD = torch.utils.checkpoint.checkpoint(block, h_BSD, use_reentrant=False)
+    h_BSD.square().sum().backward()
+    assert x_BSD.grad is not None
+    assert monitor.collect(step=0).counts.tolist() == expected
+
+
 @pytest.mark.parametrize("num_experts", [3, 5])
 def test_expert_count_other_than_the_gate_width_is_a_setup_error(num_experts):
     model = nn.Sequential(nn.Linear(8, 4))
