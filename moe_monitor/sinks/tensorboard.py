@@ -7,14 +7,16 @@ Per window (``<phase>``, ``<LL>`` as in :mod:`moe_monitor.sinks.scalars`):
 - ``moe/<phase>/load_heatmap`` image: layers x experts (needs matplotlib).
 - ``moe/events`` text: one markdown line per alert, recovery or control event.
 
-Once, at the first window: a custom-scalars layout (CUSTOM SCALARS tab) with one chart per statistic showing
-every layer, per phase, and one chart per across-layer summary.
+A custom-scalars layout (CUSTOM SCALARS tab): for each phase logged to the logger, one chart per statistic showing
+every layer and one chart per across-layer summary. It is written at the first window and again whenever a new
+phase is logged (a ``test`` run after ``fit``, say); TensorBoard shows the last one.
 
 Shape legend: ``L`` layers, ``E`` experts.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +24,10 @@ from moe_monitor.sinks.base import Sink
 from moe_monitor.sinks.images import heatmap_image
 from moe_monitor.sinks.scalars import SUMMARY_NAMES, layer_labels, stat_key, summary_key
 from moe_monitor.snapshot import STAT_NAMES, Snapshot
+
+# Phases in each logger's layout, in the order first logged. Kept per logger, not per sink: the callback makes new
+# sinks at every setup, and a test run after fit must extend the fit's layout, not replace it.
+_LAYOUT_PHASES: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
 
 # Chart titles of the CUSTOM SCALARS tab, most telling first: how to read each line at a glance.
 CHART_TITLES: dict[str, str] = {
@@ -38,8 +44,11 @@ CHART_TITLES: dict[str, str] = {
 }
 
 
-def custom_scalars_layout(phases: Sequence[str] = ("train", "val")) -> dict[str, dict[str, list[Any]]]:
+def custom_scalars_layout(phases: Sequence[str] = ("train", "val", "test")) -> dict[str, dict[str, list[Any]]]:
     """The CUSTOM SCALARS layout: per phase one multi-line chart per statistic, one line per layer.
+
+    Args:
+        phases: the phases to chart, in order (the sink passes those logged so far).
 
     Example:
         >>> layout = custom_scalars_layout(["train"])
@@ -98,15 +107,15 @@ class TensorBoardSink(Sink):
         self.logger = logger
         self.log_histograms = log_histograms
         self.log_heatmaps = log_heatmaps
-        self._layout_written = False
 
     def log_window(self, snapshot: Snapshot, metrics: dict[str, float], events: Sequence[Any]) -> None:
         writer = self.guard("open the SummaryWriter", lambda: self.logger.experiment)
         if writer is None:
             return
-        if not self._layout_written:
-            self._layout_written = True
-            self.guard("write the custom-scalars layout", writer.add_custom_scalars, custom_scalars_layout())
+        phases = _LAYOUT_PHASES.setdefault(self.logger, [])
+        if snapshot.phase not in phases:
+            phases.append(snapshot.phase)
+            self.guard("write the custom-scalars layout", writer.add_custom_scalars, custom_scalars_layout(phases))
         labels = layer_labels(len(snapshot.layer_names))
         if self.log_histograms:
             self.guard("write expert-load histograms", self._histograms, writer, snapshot, labels)

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 from moe_monitor import CollapseDetector, MoEMonitor
 from moe_monitor.snapshot import STAT_NAMES
-from tests.callback.conftest import make_data, make_lm, make_trainer
+from tests.callback.conftest import make_data, make_lm, make_trainer, masked_loader
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,30 @@ def test_without_matplotlib_one_warning_names_the_extra_and_the_rest_is_logged(
     assert accumulator.Tags()["images"] == []
     assert len(accumulator.Histograms("moe/train/expert_load/L00")) == 3
     assert [e.step for e in accumulator.Scalars("moe/train/load_entropy/L01")] == [1, 2, 3]
+
+
+def _last_layout(log_dir: str) -> list[str]:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layouts = []
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "custom_scalars__config__":
+                    layouts.append((event.wall_time, layout_pb2.Layout.FromString(value.tensor.string_val[0])))
+    # TensorBoard shows the last layout written.
+    return [category.title for category in max(layouts, key=lambda pair: pair[0])[1].category]
+
+
+def test_custom_scalars_layout_lists_the_phases_that_are_logged_test_included(tmp_path: Path) -> None:
+    callback = MoEMonitor(log_every_n_steps=2, detector=None, log_heatmaps=False)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, [callback], logger, max_steps=2, limit_val_batches=0)
+    lm = make_lm()
+    trainer.fit(lm, make_data())
+    assert _last_layout(logger.log_dir) == ["moe/train", "moe/train (all layers)"]  # no validation ran
+    trainer.test(lm, masked_loader(), verbose=False)
+    layout = _last_layout(logger.log_dir)
+    assert layout == ["moe/train", "moe/train (all layers)", "moe/test", "moe/test (all layers)"]
+    charts = {f"moe/{phase}/load_entropy/L00" for phase in ("train", "test")}
+    assert charts <= set(EventAccumulator(logger.log_dir).Reload().Tags()["scalars"])
