@@ -188,7 +188,11 @@ class RouterMonitor:
                         f"RouterSpec(name={layer.name!r}, num_experts={error.width}, top_k={layer.top_k})"
                     )
                 else:
-                    advice = ""
+                    advice = (
+                        "; if the router's output is not what its adapter expects, register it with your own "
+                        f"extraction function: RouterSpec(name={layer.name!r}, num_experts={layer.num_experts}, "
+                        f"top_k={layer.top_k}, extract=fn), fn(module, args, output) -> moe_monitor.routing.Routing"
+                    )
                 warnings.warn(
                     f"moe_monitor: reading router {layer.name!r} failed ({type(error).__name__}: {error}); "
                     f"this layer is no longer monitored (its statistics are NaN from now on){advice}",
@@ -480,7 +484,11 @@ class RouterMonitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the history saved by :meth:`state_dict` (the open windows are not part of it)."""
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"Unsupported RouterMonitor state version {state.get('version')!r}")
+            raise ValueError(
+                f"Unsupported RouterMonitor state version {state.get('version')!r}: this moe_monitor reads version "
+                f"{_STATE_VERSION}. The state was saved by another moe_monitor release; load it with that release, "
+                "or leave it out (do not call load_state_dict) to start a fresh history"
+            )
         names = [layer.name for layer in self.layers]
         if state["layer_names"] != names:
             warnings.warn(

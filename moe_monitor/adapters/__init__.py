@@ -276,6 +276,12 @@ def discover(model: nn.Module, routers: Sequence[str | nn.Module | RouterSpec] |
     if routers is not None:
         if isinstance(routers, (str, nn.Module, RouterSpec)):
             routers = [routers]
+        routers = list(routers)
+        if not routers:
+            raise NoRoutersFoundError(
+                "routers= is an empty list, so there is nothing to monitor: pass routers=None to find the routers "
+                "automatically, or name at least one, e.g. routers=['layers.0.mlp.gate']"
+            )
         found = _manual(model, routers)
     else:
         found = reference.discover(model) or hf.discover(model)
@@ -288,6 +294,8 @@ def discover(model: nn.Module, routers: Sequence[str | nn.Module | RouterSpec] |
             "Register routers by hand, by module name or with an extraction function:\n"
             "  RouterMonitor(model, routers=['layers.0.mlp.gate'])  # output = logits [..., E], top_k on the module\n"
             "  RouterMonitor(model, routers=[RouterSpec(name='layers.0.mlp.gate', num_experts=8, top_k=2,\n"
-            "      extract=lambda module, args, output: Routing.from_topk(output[1], logits_TE=output[0]))])"
+            "      extract=lambda module, args, output: Routing.from_topk(output[1], logits_TE=output[0]))])\n"
+            "With the Lightning callback pass the same list as MoEMonitor(routers=[...]); names are then relative to "
+            "the LightningModule, e.g. 'model.blocks.0.moe.router' when the network is its attribute 'model'."
         )
     return found

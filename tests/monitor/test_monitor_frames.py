@@ -80,3 +80,9 @@ def test_state_dict_round_trip_is_plain_python(monitor):
     model(torch.randn(1, 2, 8))
     restored.collect(40)
     assert restored.layer_frame()["step"].tolist()[-2:] == [40, 40]
+
+
+def test_state_of_another_version_says_what_to_do(monitor):
+    state = {**monitor.state_dict(), "version": 99}
+    with pytest.raises(ValueError, match=r"state version 99: this moe_monitor reads version 1.*another moe_monitor"):
+        monitor.load_state_dict(state)

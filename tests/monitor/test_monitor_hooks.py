@@ -169,7 +169,9 @@ def test_failing_extraction_warns_once_and_disables_only_that_layer():
     with pytest.warns(RuntimeWarning, match="adapter bug") as record:
         model(torch.randn(1, 3, 8)).sum().backward()
         model(torch.randn(1, 3, 8))
-    assert len([w for w in record if "adapter bug" in str(w.message)]) == 1
+    messages = [str(w.message) for w in record if "adapter bug" in str(w.message)]
+    assert len(messages) == 1
+    assert "RouterSpec(name='blocks.0.router', num_experts=4, top_k=2, extract=fn)" in messages[0]
     snap = monitor.collect(step=0)
     assert math.isnan(snap.stats["load_entropy"][0].item())
     assert snap.tokens.tolist() == [0, 6]
@@ -183,6 +185,13 @@ def test_no_router_error_lists_what_was_searched_and_how_to_register():
     assert isinstance(info.value, ValueError)
     assert "moe_monitor.reference.router.Router" in message and "_can_record_outputs" in message
     assert "RouterSpec(" in message and "routers=" in message
+    assert "MoEMonitor(routers=[...])" in message and "relative to the LightningModule" in message
+    assert "'model.blocks.0.moe.router'" in message
+
+
+def test_an_empty_router_list_says_it_is_empty():
+    with pytest.raises(NoRoutersFoundError, match=r"routers= is an empty list.*routers=None"):
+        RouterMonitor(ToyModel(), routers=[])
 
 
 def test_manual_registration_errors_at_setup():
