@@ -137,6 +137,29 @@ def dead_expert_probability(num_experts: int, assignments: int) -> float:
     return math.exp(assignments * math.log1p(-1.0 / num_experts))
 
 
+def achievable_range(num_experts: int, top_k: int) -> tuple[float, float]:
+    """The worst values load entropy and MaxVio can reach for top-``k`` routing over ``E`` experts.
+
+    Each token picks ``k`` distinct experts, so one expert takes at most ``1 / k`` of the assignments: MaxVio is
+    at most ``E / k - 1``, and the normalised load entropy is at least ``ln k / ln E`` (all load on ``k`` experts
+    equally). The detector judges both statistics on these ranges, so one threshold means the same concentration
+    for top-2 of 8 as for top-4 of 8 or top-2 of 4.
+
+    Returns:
+        ``(entropy_floor, max_violation_ceiling)``; ``(1.0, 0.0)`` when ``k >= E`` (no imbalance is possible).
+
+    Example:
+        >>> [round(x, 3) for x in achievable_range(8, 2)]  # ln 2 / ln 8 = 1/3, 8/2 - 1 = 3
+        [0.333, 3.0]
+        >>> [round(x, 3) for x in achievable_range(8, 4)], achievable_range(4, 2)
+        ([0.667, 1.0], (0.5, 1.0))
+    """
+    top_k = max(1, int(top_k))
+    if num_experts <= top_k:
+        return 1.0, 0.0
+    return math.log(top_k) / math.log(num_experts), num_experts / top_k - 1
+
+
 def _probability_text(num_experts: int, assignments: int) -> str:
     """``(1 - 1/E) ** A`` as text, also where the float underflows to 0.
 
@@ -162,22 +185,32 @@ class CollapseDetector:
     """Watches window statistics for router collapse and raises alerts with patience and recovery hysteresis.
 
     Every threshold can be set to ``None`` to switch its rule off. The defaults aim at "no false alarm on a healthy
-    run, an alert within a few windows of a real collapse"; the reasons are in ``docs/detection.md`` and below.
+    run, an alert within a few windows of a real collapse"; the reasons and the measurements behind them are in
+    ``docs/detection.md``.
+
+    Load entropy and MaxVio thresholds are *scale-aware*: top-``k`` routing over ``E`` experts cannot push the
+    load entropy below ``ln k / ln E`` nor MaxVio above ``E / k - 1`` (see :func:`achievable_range`), so each layer
+    is judged on the fraction of that range it has used up. A fixed threshold in the statistic's own units would
+    never fire for top-2 of 4 experts (MaxVio at most 1) or top-4 of 8 (entropy at least 0.67). Events report the
+    statistic and the layer's threshold in the statistic's own units; the message also gives the fraction.
 
     Args:
-        min_load_entropy: alert when normalised load entropy falls below this. 1 is perfect balance; 0.6 means the
-            load is as concentrated as on about ``E**0.6`` equally used experts (3.5 of 8), far below what any
-            balanced or mildly imbalanced run shows (> 0.9), while a collapse onto one or two experts reads < 0.4.
-        max_violation: alert when MaxVio (``max(count) / mean(count) - 1``) exceeds this. 2.0 means the busiest
-            expert takes three times its fair share: with the common capacity factor 1.25 it would drop more than
-            half of its tokens. Healthy runs with an aux loss stay below 1.
+        min_load_entropy: alert when the load entropy has fallen below this fraction of the way from its floor
+            ``ln k / ln E`` (all load on ``k`` experts) to 1 (perfect balance), i.e. below
+            ``floor + min_load_entropy * (1 - floor)``. 0.4 is exactly the former fixed threshold 0.6 for
+            top-2 of 8; healthy runs never held below 0.73 of the range for three windows in a row, collapses
+            onto two experts read below 0.2.
+        max_violation: alert when MaxVio (``max(count) / mean(count) - 1``) exceeds this fraction of its largest
+            possible value ``E / k - 1``. 2/3 is exactly the former fixed threshold 2.0 for top-2 of 8: the
+            busiest expert takes three times its fair share.
         dead_expert_p: the dead-experts rule judges a window only when an expert with a fair share would have
             received no assignment with probability below this (see :func:`dead_expert_probability`); then any
             expert with zero assignments is dead. 1e-6 over, say, 10 layers x 1000 windows still gives a
             false-alarm chance of about 1 % for a whole run, and it takes only 104 assignments for 8 experts.
         max_dropped_fraction: alert when more than this fraction of assignments is dropped for capacity. 0.1:
-            capacity factors of 1.0-1.25 drop a few percent on a balanced router; beyond 10 % a sizeable part of
-            the batch skips its MLP and the loss suffers.
+            beyond 10 % a sizeable part of the batch skips its MLP. This is capacity overflow, not necessarily a
+            collapse: a healthy router at capacity factor 1.25 drops 25-60 % of the assignments in its first
+            windows and 5-10 % later (measured on the reference model), which is worth a warning.
         nonfinite: alert immediately (no patience) on any token with NaN/Inf router logits; a diverging router
             does not get better by waiting.
         z_loss_spike: alert when the router z-loss exceeds this multiple of its running median over the last
@@ -193,13 +226,15 @@ class CollapseDetector:
             least this *and* the load entropy is below ``saturation_load_entropy``: the softmax is nearly one-hot
             on few experts, so its gradient vanishes and the collapse locks in. 0.9: healthy top-2 routers of
             8 experts sit around 0.2-0.6.
-        saturation_load_entropy: see ``saturation_confidence``; 0.8 so that saturation shows before the load
+        saturation_load_entropy: see ``saturation_confidence``; a fraction of the achievable entropy range like
+            ``min_load_entropy``. 0.7 (entropy 0.8 for top-2 of 8) so that saturation shows before the load
             entropy alert does.
         patience: consecutive breaching windows before an alert. 3: one bad window (a skewed batch, a warm-up
             spike) never alerts, and at the usual 50-step log interval the user hears within 150 steps.
         recovery: consecutive healthy windows before a recovery event clears the alert. 3, for the same reason.
         hysteresis: relative margin between the alert threshold and the healthy threshold, e.g. MaxVio must fall
-            to ``2.0 * (1 - 0.1) = 1.8`` and entropy rise to ``0.6 * (1 + 0.1) = 0.66`` to count as healthy.
+            to ``2/3 * (1 - 0.1) = 0.6`` of its range (1.8 for top-2 of 8) and entropy rise to
+            ``0.4 * (1 + 0.1) = 0.44`` of its range (0.63) to count as healthy.
         phases: phases to watch; ``None`` watches every phase (each with its own state).
 
     Example:
@@ -216,8 +251,8 @@ class CollapseDetector:
 
     def __init__(
         self,
-        min_load_entropy: float | None = 0.6,
-        max_violation: float | None = 2.0,
+        min_load_entropy: float | None = 0.4,
+        max_violation: float | None = 2 / 3,
         dead_expert_p: float | None = 1e-6,
         max_dropped_fraction: float | None = 0.1,
         nonfinite: bool = True,
@@ -225,7 +260,7 @@ class CollapseDetector:
         z_loss_history: int = 16,
         z_loss_min: float = 10.0,
         saturation_confidence: float | None = 0.9,
-        saturation_load_entropy: float = 0.8,
+        saturation_load_entropy: float = 0.7,
         patience: int = 3,
         recovery: int = 3,
         hysteresis: float = 0.1,
@@ -238,15 +273,22 @@ class CollapseDetector:
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis={hysteresis} must be in [0, 1) (a relative margin).")
         if min_load_entropy is not None and not 0 < min_load_entropy < 1:
-            raise ValueError(f"min_load_entropy={min_load_entropy} must be in (0, 1), or None to switch it off.")
+            raise ValueError(
+                f"min_load_entropy={min_load_entropy} must be in (0, 1), a fraction of the range from the entropy "
+                "floor ln k / ln E to 1, or None to switch it off."
+            )
         if not 0 < saturation_load_entropy <= 1:
             raise ValueError(f"saturation_load_entropy={saturation_load_entropy} must be in (0, 1].")
         if saturation_confidence is not None and not 0 < saturation_confidence < 1:
             raise ValueError(f"saturation_confidence={saturation_confidence} must be in (0, 1), or None.")
         if dead_expert_p is not None and not 0 < dead_expert_p < 1:
             raise ValueError(f"dead_expert_p={dead_expert_p} must be in (0, 1), or None to switch it off.")
+        if max_violation is not None and not 0 < max_violation < 1:
+            raise ValueError(
+                f"max_violation={max_violation} must be in (0, 1), a fraction of the largest possible MaxVio "
+                "E/k - 1, or None to switch it off."
+            )
         for name, val in (
-            ("max_violation", max_violation),
             ("max_dropped_fraction", max_dropped_fraction),
             ("z_loss_spike", z_loss_spike),
         ):
@@ -373,22 +415,34 @@ class CollapseDetector:
             _BREACH if nonfinite > 0 else _HEALTHY, float(nonfinite), 0.0, (), f"{nonfinite} tokens"
         )
 
+        # Load entropy and MaxVio are judged as a fraction of the range top-k routing over E experts can reach
+        # (see achievable_range); events keep the statistic's own units, the message shows both.
+        top_k = int(snap.top_k[index]) if len(snap.top_k) > index else 1
+        floor, ceiling = achievable_range(num_experts, top_k)
+        routing = f"top-{max(1, top_k)} of {num_experts}"
         entropy = stat.get("load_entropy", math.nan)
+        entropy_n = (entropy - floor) / (1 - floor) if floor < 1 else math.nan
         if self.min_load_entropy is not None:
-            verdicts["load_entropy"] = self._lower_bound(entropy, self.min_load_entropy, hot)
+            verdict = self._lower_bound(entropy_n, self.min_load_entropy, hot)
             starved = sum(1 for x in loads if _finite(x) and x < 0.1 / num_experts)
-            verdicts["load_entropy"].detail = (
+            verdict.value, verdict.threshold = entropy, floor + self.min_load_entropy * (1 - floor)
+            verdict.detail = (
+                f"{entropy_n:.2f} of the way from the floor {floor:.2f} ({routing}) to perfect balance; "
                 f"experts {_fmt_experts(hot, loads)} take {sum(loads[e] for e in hot):.0%} of the assignments "
                 f"and {starved} of {num_experts} experts get less than a tenth of a fair share"
             )
+            verdicts["load_entropy"] = verdict
 
         if self.max_violation is not None:
-            verdicts["max_violation"] = self._upper_bound(stat.get("max_violation", math.nan), self.max_violation, hot)
-            if hot:
-                verdicts["max_violation"].detail = (
-                    f"expert {hot[0]} takes {loads[hot[0]] * num_experts:.1f}x its fair share "
-                    f"(busiest: {_fmt_experts(hot, loads)})"
+            vio = stat.get("max_violation", math.nan)
+            verdict = self._upper_bound(vio / ceiling if ceiling > 0 else math.nan, self.max_violation, hot)
+            verdict.value, verdict.threshold = vio, self.max_violation * ceiling
+            if hot and ceiling > 0:
+                verdict.detail = (
+                    f"{vio / ceiling:.0%} of the largest possible {ceiling:.3g} ({routing}); expert {hot[0]} takes "
+                    f"{loads[hot[0]] * num_experts:.1f}x its fair share (busiest: {_fmt_experts(hot, loads)})"
                 )
+            verdicts["max_violation"] = verdict
 
         if self.dead_expert_p is not None:
             p_fair = dead_expert_probability(num_experts, int(assignments))
@@ -427,11 +481,11 @@ class CollapseDetector:
 
         if self.saturation_confidence is not None:
             conf = stat.get("top1_confidence", math.nan)
-            if not (_finite(conf) and _finite(entropy)):
+            if not (_finite(conf) and _finite(entropy_n)):
                 status = _UNKNOWN
-            elif conf >= self.saturation_confidence and entropy < self.saturation_load_entropy:
+            elif conf >= self.saturation_confidence and entropy_n < self.saturation_load_entropy:
                 status = _BREACH
-            elif conf < self.saturation_confidence * (1 - h) or entropy >= self.saturation_load_entropy * (1 + h):
+            elif conf < self.saturation_confidence * (1 - h) or entropy_n >= self.saturation_load_entropy * (1 + h):
                 status = _HEALTHY
             else:
                 status = _BETWEEN
@@ -441,7 +495,8 @@ class CollapseDetector:
                 self.saturation_confidence,
                 hot,
                 f"top-1 router probability {conf:.3f} with load entropy {entropy:.2f} "
-                f"(< {self.saturation_load_entropy:.2f}) on experts {_fmt_experts(hot, loads)}",
+                f"(< {floor + self.saturation_load_entropy * (1 - floor):.2f} for {routing}) on experts "
+                f"{_fmt_experts(hot, loads)}",
             )
         return verdicts
 

@@ -10,9 +10,17 @@ import torch
 
 from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent, dead_expert_probability, make_snapshot
 
+# Top-2 of 8 experts unless a test says otherwise: the default model's routing, where entropy can fall to
+# ln 2 / ln 8 = 1/3 and MaxVio rise to 8 / 2 - 1 = 3.
+TOP_K = 2
 BALANCED = [[1000] * 8]
-# Expert 0 takes 3/4 of 8000 assignments, the rest share 1/4: MaxVio 5, entropy ~0.52, no dead experts.
-SKEWED = [[6000] + [2000 // 7] * 6 + [2000 - 6 * (2000 // 7)]]
+# Experts 0 and 1 take 7/8 of 8000 assignments, the rest share 1/8: MaxVio 3 (the largest possible for top-2 of 8),
+# entropy ~0.58 (0.37 of the range from 1/3 to 1), no dead experts.
+SKEWED = [[4000, 3000] + [1000 // 6] * 5 + [1000 - 5 * (1000 // 6)]]
+
+
+def snap(counts, top_k: int = TOP_K, **kwargs):
+    return make_snapshot(counts, top_k=top_k, **kwargs)
 
 
 def only(detector: CollapseDetector, keep: str) -> CollapseDetector:
@@ -34,7 +42,7 @@ def only(detector: CollapseDetector, keep: str) -> CollapseDetector:
 
 
 def feed(detector: CollapseDetector, counts, n: int, start: int = 1, **kwargs) -> list[list[CollapseEvent]]:
-    return [detector.update(make_snapshot(counts, step=start + i, **kwargs)) for i in range(n)]
+    return [detector.update(snap(counts, step=start + i, **kwargs)) for i in range(n)]
 
 
 def entropy(counts: list[int]) -> float:
@@ -43,12 +51,12 @@ def entropy(counts: list[int]) -> float:
 
 
 def test_make_snapshot_statistics_match_formulas():
-    snap = make_snapshot(SKEWED, top_k=2)
+    window = snap(SKEWED)
     counts = SKEWED[0]
     mean = sum(counts) / len(counts)
-    assert float(snap.stats["max_violation"][0]) == pytest.approx(max(counts) / mean - 1)
-    assert float(snap.stats["load_entropy"][0]) == pytest.approx(entropy(counts))
-    assert int(snap.tokens[0]) == sum(counts) // 2
+    assert float(window.stats["max_violation"][0]) == pytest.approx(max(counts) / mean - 1)
+    assert float(window.stats["load_entropy"][0]) == pytest.approx(entropy(counts))
+    assert int(window.tokens[0]) == sum(counts) // 2
 
 
 def test_load_entropy_alert_after_patience_with_actionable_message():
@@ -57,9 +65,10 @@ def test_load_entropy_alert_after_patience_with_actionable_message():
     assert events[0] == [] and events[1] == []
     (event,) = events[2]
     assert (event.kind, event.rule, event.severity, event.step) == ("alert", "load_entropy", "critical", 3)
-    assert event.value == pytest.approx(entropy(SKEWED[0])) and event.threshold == 0.6
-    assert event.experts == (0,)
-    for text in ("blocks.1.moe.router", "0.50 < 0.60", "3 consecutive windows", "expert", "0 (75%)", "Try:"):
+    # Reported in the statistic's own units: the threshold 0.4 of the range [1/3, 1] is entropy 0.6.
+    assert event.value == pytest.approx(entropy(SKEWED[0])) and event.threshold == pytest.approx(1 / 3 + 0.4 * 2 / 3)
+    assert event.experts == (0, 1)
+    for text in ("blocks.1.moe.router", "0.58 < 0.60", "0.36 of the way", "top-2 of 8", "0 (50%), 1 (38%)", "Try:"):
         assert text in event.message
     assert det.active == {("blocks.1.moe.router", "load_entropy")}
 
@@ -67,16 +76,17 @@ def test_load_entropy_alert_after_patience_with_actionable_message():
 def test_patience_needs_consecutive_windows():
     det = only(CollapseDetector(patience=3), "load_entropy")
     seq = [SKEWED, SKEWED, BALANCED, SKEWED, SKEWED, BALANCED, SKEWED, SKEWED, SKEWED]
-    fired = [i for i, counts in enumerate(seq) if det.update(make_snapshot(counts, step=i))]
+    fired = [i for i, counts in enumerate(seq) if det.update(snap(counts, step=i))]
     assert fired == [8]
 
 
 def test_max_violation_threshold_and_busiest_expert():
-    det = only(CollapseDetector(patience=1, max_violation=2.0), "max_violation")
-    # MaxVio exactly 2.0 (3x the mean) is not above the threshold; 2.2 is.
-    assert det.update(make_snapshot([[300, 100, 100, 100, 100, 100, 0, 0]])) == []  # mean 100 -> MaxVio 2.0
-    (event,) = det.update(make_snapshot([[320, 100, 100, 100, 100, 80, 0, 0]]))  # mean 100 -> 2.2
-    assert event.value == pytest.approx(2.2) and event.experts[0] == 0
+    det = only(CollapseDetector(patience=1, max_violation=2 / 3), "max_violation")
+    # Top-2 of 8: MaxVio at most 3, so 2/3 of the range is MaxVio 2.0. Exactly 2.0 (3x the mean) is not above it.
+    assert det.update(snap([[300, 100, 100, 100, 100, 100, 0, 0]])) == []  # mean 100 -> MaxVio 2.0
+    (event,) = det.update(snap([[320, 100, 100, 100, 100, 80, 0, 0]]))  # mean 100 -> 2.2
+    assert event.value == pytest.approx(2.2) and event.threshold == pytest.approx(2.0) and event.experts[0] == 0
+    assert "MaxVio 2.20 > 2.00" in event.message and "73% of the largest possible 3" in event.message
     assert "3.2x its fair share" in event.message
 
 
@@ -89,7 +99,7 @@ def test_dead_experts_only_judged_when_a_fair_share_expert_would_certainly_get_t
     assert sum(small[0]) == a_min - 1
     assert all(ev == [] for ev in feed(det, small, 20))
     big = [[a_min - 6 * 10] + [10] * 6 + [0]]
-    (event,) = det.update(make_snapshot(big, step=99))
+    (event,) = det.update(snap(big, step=99))
     assert event.rule == "dead_experts" and event.experts == (7,) and event.value == 1.0
     assert event.severity == "warning" and "ids [7]" in event.message
 
@@ -101,7 +111,7 @@ def test_dead_expert_probability_formula():
 
 def test_many_dead_experts_are_critical():
     det = only(CollapseDetector(patience=1), "dead_experts")
-    (event,) = det.update(make_snapshot([[500, 500, 500, 500, 0, 0, 0, 0]]))
+    (event,) = det.update(snap([[500, 500, 500, 500, 0, 0, 0, 0]]))
     assert event.severity == "critical" and event.experts == (4, 5, 6, 7)
 
 
@@ -115,7 +125,7 @@ def test_dropped_fraction_rule():
 
 def test_nonfinite_logits_alert_immediately_and_critical():
     det = CollapseDetector(patience=5)
-    (event,) = det.update(make_snapshot(BALANCED, step=7, nonfinite_tokens=[3]))
+    (event,) = det.update(snap(BALANCED, step=7, nonfinite_tokens=[3]))
     assert (event.rule, event.severity, event.step, event.value) == ("nonfinite_logits", "critical", 7, 3.0)
     assert "3 tokens" in event.message and "learning rate" in event.message
 
@@ -123,14 +133,14 @@ def test_nonfinite_logits_alert_immediately_and_critical():
 def test_z_loss_spike_against_running_median_and_floor():
     det = only(CollapseDetector(patience=2, z_loss_spike=3.0, z_loss_min=10.0), "z_loss_spike")
     for i in range(6):
-        assert det.update(make_snapshot(BALANCED, step=i, z_loss=[5.0 + 0.1 * i])) == []
+        assert det.update(snap(BALANCED, step=i, z_loss=[5.0 + 0.1 * i])) == []
     # 4x the median but below the floor: no spike.
     assert feed(det, BALANCED, 3, start=10, z_loss=[8.0]) == [[], [], []]
     det = only(CollapseDetector(patience=2, z_loss_spike=3.0, z_loss_min=10.0), "z_loss_spike")
     for i in range(6):
-        det.update(make_snapshot(BALANCED, step=i, z_loss=[5.0]))
-    first = det.update(make_snapshot(BALANCED, step=6, z_loss=[40.0]))
-    (event,) = det.update(make_snapshot(BALANCED, step=7, z_loss=[40.0]))
+        det.update(snap(BALANCED, step=i, z_loss=[5.0]))
+    first = det.update(snap(BALANCED, step=6, z_loss=[40.0]))
+    (event,) = det.update(snap(BALANCED, step=7, z_loss=[40.0]))
     assert first == [] and event.rule == "z_loss_spike"
     assert event.value == pytest.approx(40.0 / 5.0)  # median of [5]*6 + [40] is 5
     assert "z-loss 40" in event.message
@@ -138,7 +148,7 @@ def test_z_loss_spike_against_running_median_and_floor():
 
 def test_z_loss_waits_for_history():
     det = only(CollapseDetector(patience=1, z_loss_history=16), "z_loss_spike")
-    assert [det.update(make_snapshot(BALANCED, step=i, z_loss=[1.0 if i == 0 else 100.0])) for i in range(4)] == [
+    assert [det.update(snap(BALANCED, step=i, z_loss=[1.0 if i == 0 else 100.0])) for i in range(4)] == [
         [],
         [],
         [],
@@ -148,27 +158,28 @@ def test_z_loss_waits_for_history():
 
 def test_saturation_needs_both_confidence_and_low_entropy():
     det = only(CollapseDetector(patience=1, saturation_confidence=0.9, saturation_load_entropy=0.8), "saturation")
-    assert det.update(make_snapshot(BALANCED, top1_confidence=[0.97])) == []  # confident but balanced
-    assert det.update(make_snapshot(SKEWED, top1_confidence=[0.5])) == []  # skewed but not saturated
-    (event,) = det.update(make_snapshot(SKEWED, top1_confidence=[0.97]))
-    assert event.rule == "saturation" and event.value == pytest.approx(0.97) and event.experts == (0,)
+    assert det.update(snap(BALANCED, top1_confidence=[0.97])) == []  # confident but balanced
+    assert det.update(snap(SKEWED, top1_confidence=[0.5])) == []  # skewed but not saturated
+    (event,) = det.update(snap(SKEWED, top1_confidence=[0.97]))
+    assert event.rule == "saturation" and event.value == pytest.approx(0.97) and event.experts == (0, 1)
 
 
 def test_recovery_needs_hysteresis_and_consecutive_healthy_windows():
-    det = only(CollapseDetector(patience=1, recovery=2, hysteresis=0.1, max_violation=2.0), "max_violation")
+    # 0.6 of MaxVio's range 3 (top-2 of 8) is 1.8; healthy is 0.6 * 0.9 = 0.54 of it, MaxVio 1.62.
+    det = only(CollapseDetector(patience=1, recovery=2, hysteresis=0.1, max_violation=0.6), "max_violation")
 
     def vio(v: float) -> list[list[int]]:  # expert 0 at (1 + v) x the mean of 8 experts, 800 per expert
         hot = round(800 * (1 + v))
         rest = 8 * 800 - hot
         return [[hot] + [rest // 7] * 6 + [rest - 6 * (rest // 7)]]
 
-    assert det.update(make_snapshot(vio(2.5), step=1))[0].kind == "alert"
-    # 1.9 is below the threshold but above the healthy level 2.0 * 0.9 = 1.8: the alert stays.
-    assert feed(det, vio(1.9), 5, start=2) == [[]] * 5
-    assert det.update(make_snapshot(vio(1.5), step=10)) == []
-    assert det.update(make_snapshot(vio(2.1), step=11)) == []  # breach resets the healthy streak
-    assert det.update(make_snapshot(vio(1.5), step=12)) == []
-    (event,) = det.update(make_snapshot(vio(1.5), step=13))
+    assert det.update(snap(vio(2.5), step=1))[0].kind == "alert"
+    # 1.7 is below the threshold but above the healthy level 1.62: the alert stays.
+    assert feed(det, vio(1.7), 5, start=2) == [[]] * 5
+    assert det.update(snap(vio(1.5), step=10)) == []
+    assert det.update(snap(vio(2.1), step=11)) == []  # breach resets the healthy streak
+    assert det.update(snap(vio(1.5), step=12)) == []
+    (event,) = det.update(snap(vio(1.5), step=13))
     assert (event.kind, event.severity, event.step) == ("recovery", "info", 13)
     assert "alert raised at step 1" in event.message and det.active == frozenset()
 
@@ -177,38 +188,39 @@ def test_value_hovering_at_threshold_does_not_flap():
     det = only(CollapseDetector(patience=2, recovery=2), "load_entropy")
     kinds = []
     for i in range(40):
-        # Alternates between entropy 0.574 and 0.604, around 0.6, never reaching the healthy level 0.66.
+        # Alternates between entropy 0.574 and 0.604, around the threshold 0.6 (0.4 of the range [1/3, 1] of top-2
+        # of 8), never reaching the healthy level 0.44 of the range (0.627).
         counts = (
             SKEWED if i < 2 else [[3200, 3200, 800, 800, 0, 0, 0, 0]] if i % 2 else [[3000, 3000, 1000, 1000] + [0] * 4]
         )
-        kinds += [e.kind for e in det.update(make_snapshot(counts, step=i))]
+        kinds += [e.kind for e in det.update(snap(counts, step=i))]
     assert kinds == ["alert"]
 
 
 def test_windows_without_evidence_leave_streaks_unchanged():
     det = only(CollapseDetector(patience=2), "load_entropy")
     empty = [[0] * 8]
-    assert det.update(make_snapshot(SKEWED, step=1)) == []
-    assert det.update(make_snapshot(empty, step=2)) == []  # NaN entropy: no evidence
-    assert det.update(make_snapshot(SKEWED, step=3))[0].rule == "load_entropy"
+    assert det.update(snap(SKEWED, step=1)) == []
+    assert det.update(snap(empty, step=2)) == []  # NaN entropy: no evidence
+    assert det.update(snap(SKEWED, step=3))[0].rule == "load_entropy"
     full = CollapseDetector()
     assert feed(full, empty, 10) == [[]] * 10
 
 
 def test_phases_are_separate_and_can_be_filtered():
     det = only(CollapseDetector(patience=2), "load_entropy")
-    det.update(make_snapshot(SKEWED, step=1, phase="train"))
-    assert det.update(make_snapshot(SKEWED, step=1, phase="val")) == []
-    (event,) = det.update(make_snapshot(SKEWED, step=2, phase="val"))
+    det.update(snap(SKEWED, step=1, phase="train"))
+    assert det.update(snap(SKEWED, step=1, phase="val")) == []
+    (event,) = det.update(snap(SKEWED, step=2, phase="val"))
     assert event.phase == "val" and det.active_in("val") and not det.active_in("train")
     train_only = CollapseDetector(patience=1, phases=["train"])
-    assert train_only.update(make_snapshot(SKEWED, phase="val")) == []
+    assert train_only.update(snap(SKEWED, phase="val")) == []
 
 
 def test_event_frame_history():
     det = CollapseDetector(patience=1, recovery=1)
-    det.update(make_snapshot(SKEWED, step=1))
-    det.update(make_snapshot(BALANCED, step=2))
+    det.update(snap(SKEWED, step=1))
+    det.update(snap(BALANCED, step=2))
     frame = det.event_frame()
     assert list(frame.columns) == list(EVENT_COLUMNS)
     assert frame[["step", "rule", "kind"]].values.tolist() == [
@@ -225,18 +237,18 @@ def test_state_dict_round_trip_resumes_exactly():
     z = [12.0, 12.5, 11.0, 12.0, 13.0, 60.0, 70.0, 12.0, 12.0, 12.0, 12.0]
     kwargs = dict(patience=2, recovery=2)
     reference = CollapseDetector(**kwargs)
-    ref_events = [reference.update(make_snapshot(c, step=i, z_loss=[zz])) for i, (c, zz) in enumerate(zip(stream, z))]
+    ref_events = [reference.update(snap(c, step=i, z_loss=[zz])) for i, (c, zz) in enumerate(zip(stream, z))]
 
     first = CollapseDetector(**kwargs)
     for i in range(5):
-        first.update(make_snapshot(stream[i], step=i, z_loss=[z[i]]))
+        first.update(snap(stream[i], step=i, z_loss=[z[i]]))
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     resumed = CollapseDetector(**kwargs)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.state_dict() == first.state_dict() and resumed.active == first.active
-    later = [resumed.update(make_snapshot(stream[i], step=i, z_loss=[z[i]])) for i in range(5, len(stream))]
+    later = [resumed.update(snap(stream[i], step=i, z_loss=[z[i]])) for i in range(5, len(stream))]
     assert later == ref_events[5:]
     assert resumed.events == reference.events
 
@@ -246,6 +258,7 @@ def test_state_dict_round_trip_resumes_exactly():
     [
         (dict(patience=0), "patience=0"),
         (dict(min_load_entropy=1.5), "min_load_entropy=1.5"),
+        (dict(max_violation=2.0), "max_violation=2.0"),
         (dict(z_loss_spike=0.5), "z_loss_spike=0.5"),
         (dict(hysteresis=1.0), "hysteresis=1.0"),
         (dict(dead_expert_p=0.0), "dead_expert_p=0.0"),
@@ -267,12 +280,41 @@ def test_sustained_z_loss_spike_does_not_recover_by_itself():
     # Reviewer's case: z-loss 5 for 8 windows, then 40 for good. The spiking windows must not become the baseline.
     det = only(CollapseDetector(), "z_loss_spike")
     kinds = [
-        (i, e.kind)
-        for i in range(40)
-        for e in det.update(make_snapshot(BALANCED, step=i, z_loss=[5.0 if i < 8 else 40.0]))
+        (i, e.kind) for i in range(40) for e in det.update(snap(BALANCED, step=i, z_loss=[5.0 if i < 8 else 40.0]))
     ]
     assert kinds == [(10, "alert")]
     assert det.active == {("layer0", "z_loss_spike")}
     # Back to the pre-spike level: recovery after `recovery` healthy windows, measured against the old median 5.
-    later = [e.kind for i in range(40, 43) for e in det.update(make_snapshot(BALANCED, step=i, z_loss=[5.0]))]
+    later = [e.kind for i in range(40, 43) for e in det.update(snap(BALANCED, step=i, z_loss=[5.0]))]
     assert later == ["recovery"]
+
+
+@pytest.mark.parametrize(
+    "counts, top_k, collapsed",
+    [
+        # Reviewer's case: top-4 of 8 with 99.5 % of the load on half the experts. Entropy 0.67 is its floor.
+        ([[1000] * 4 + [5] * 4], 4, True),
+        ([[2000, 2000, 20, 20]], 2, True),  # top-2 of 4: MaxVio 0.98, its largest possible value is 1
+        ([[1300, 1200, 1100, 1000, 1000, 900, 800, 700]], 4, False),  # uneven but healthy
+        ([[1150, 1050, 950, 850]], 2, False),
+        ([[1000] * 8], 4, False),
+        ([[1000] * 4], 2, False),
+    ],
+)
+def test_imbalance_rules_scale_with_top_k_and_experts(counts, top_k, collapsed):
+    num_experts = len(counts[0])
+    floor, ceiling = math.log(top_k) / math.log(num_experts), num_experts / top_k - 1  # independent bounds
+    events = [e for window in feed(CollapseDetector(), counts, 3, top_k=top_k) for e in window]
+    assert bool(events) == collapsed
+    if collapsed:
+        assert {e.rule for e in events} == {"load_entropy", "max_violation"}
+        by_rule = {e.rule: e for e in events}
+        # Value and threshold in the statistic's own units: the default fractions of each layer's own range.
+        assert by_rule["load_entropy"].threshold == pytest.approx(floor + 0.4 * (1 - floor))
+        assert by_rule["load_entropy"].value == pytest.approx(entropy(counts[0]))
+        assert by_rule["max_violation"].threshold == pytest.approx(CollapseDetector().max_violation * ceiling)
+        assert f"top-{top_k} of {num_experts}" in by_rule["max_violation"].message
+
+
+def test_no_imbalance_possible_when_every_token_uses_every_expert():
+    assert feed(CollapseDetector(patience=1), [[500, 500]], 2, top_k=2) == [[], []]
