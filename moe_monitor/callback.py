@@ -102,7 +102,8 @@ class MoEMonitor(Callback):
     Raises:
         MisconfigurationException: an argument is of the wrong type or out of range; the message lists what is
             allowed.
-        NoRoutersFoundError: at ``setup``, when the module has no router it can recognise.
+        NoRoutersFoundError: at ``setup``, when the module has no router it can recognise; the message says how to
+            name routers in ``MoEMonitor(routers=[...])``, relative to the LightningModule.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -312,7 +313,11 @@ class MoEMonitor(Callback):
 
     def _attach(self, pl_module: pl.LightningModule) -> None:
         previous = self.monitor
-        monitor = RouterMonitor(pl_module, routers=self.routers)
+        try:
+            monitor = RouterMonitor(pl_module, routers=self.routers)
+        except NoRoutersFoundError as err:
+            hint = "" if "MoEMonitor(routers=" in str(err) else "\n" + _routers_hint(pl_module)
+            raise NoRoutersFoundError(f"{err}{hint}") from err
         if previous is not None:
             # A second fit / validate / test with the same callback continues the same history.
             previous.remove()
@@ -507,6 +512,14 @@ class MoEMonitor(Callback):
                     category=RuntimeWarning,
                 )
             return None
+
+
+def _routers_hint(pl_module: pl.LightningModule) -> str:
+    return (
+        f"MoEMonitor looks for routers in the LightningModule ({type(pl_module).__name__}): register them with"
+        " MoEMonitor(routers=[...]), names relative to the LightningModule as in `pl_module.named_modules()`, e.g."
+        " MoEMonitor(routers=['model.blocks.0.moe.router']) when the network is its attribute `model`."
+    )
 
 
 def _raised_in_distributed(err: BaseException) -> bool:

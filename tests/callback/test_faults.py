@@ -51,9 +51,15 @@ class NoRouters(pl.LightningModule):
 def test_model_without_routers_fails_at_setup(tmp_path: Path) -> None:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
     trainer = make_trainer(tmp_path, [MoEMonitor()])
-    with pytest.raises(NoRoutersFoundError):
+    with pytest.raises(NoRoutersFoundError) as caught:
         trainer.fit(NoRouters(), loader)
     assert trainer.global_step == 0
+    message = str(caught.value)
+    assert "Searched for" in message  # what RouterMonitor says is kept ...
+    # ... and the callback tells how to register routers with itself, named from the LightningModule.
+    assert "MoEMonitor(routers=[" in message and "relative to the LightningModule" in message
+    assert "'model.blocks.0.moe.router'" in message and message.count("MoEMonitor(routers=") == 1
+    assert isinstance(caught.value.__cause__, NoRoutersFoundError)
 
 
 class CrashingLM(LMWithTestStep):
