@@ -5,8 +5,11 @@ Shape legend: ``B`` batch, ``S`` sequence, ``T`` tokens, ``D`` width, ``E`` expe
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from moe_monitor.adapters import RouterSpec
@@ -83,3 +86,61 @@ class ToyModel(nn.Module):
     @property
     def router_names(self) -> list[str]:
         return [f"blocks.{i}.router" for i in range(len(self.blocks))]
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records every op that makes the host wait for the device (on CUDA), whatever Python spelling reached it.
+
+    ``.item()``, ``int(t)``, ``bool(t)`` and ``if t:`` all end in ``aten._local_scalar_dense``; ``nonzero``,
+    ``masked_select``, boolean-mask indexing and ``bincount`` size their output from the data.
+    """
+
+    _SYNCING = frozenset(
+        (
+            torch.ops.aten._local_scalar_dense,
+            torch.ops.aten.nonzero,
+            torch.ops.aten.masked_select,
+            torch.ops.aten.bincount,
+        )
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet in self._SYNCING:
+            self.ops.append(str(func))
+        elif func is torch.ops.aten.index.Tensor and any(
+            index is not None and index.dtype == torch.bool for index in args[1]
+        ):
+            self.ops.append("aten.index.Tensor (bool mask)")
+        elif func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            self.ops.append("aten.repeat_interleave.Tensor without output_size")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def record_hook_syncs(monkeypatch):
+    """Runs every RouterMonitor hook created inside the block under a :class:`SyncRecorder`, which it yields.
+
+    Only the hooks are watched: the models themselves may synchronise (Hugging Face expert dispatch does).
+    """
+    from moe_monitor.monitor import RouterMonitor
+
+    recorder = SyncRecorder()
+    make_hook = RouterMonitor._make_hook
+
+    def watched_make_hook(self, index):
+        hook = make_hook(self, index)
+
+        def watched(*args):
+            with recorder:
+                return hook(*args)
+
+        return watched
+
+    monkeypatch.setattr(RouterMonitor, "_make_hook", watched_make_hook)
+    yield recorder

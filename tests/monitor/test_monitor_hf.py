@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from monitor_toys import record_hook_syncs
 from torch import nn
 
 from moe_monitor import RouterMonitor
@@ -222,3 +223,24 @@ def test_other_families_following_the_registry_contract_work_unchanged(family):
     out = model(torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6)), output_router_logits=True)
     expected = [_topk_counts(logits, layer.top_k) for logits, layer in zip(out.router_logits, monitor.layers)]
     assert monitor.collect(step=0).counts.tolist() == expected
+
+
+def test_hf_adapters_do_not_synchronise(monkeypatch):
+    torch.manual_seed(0)
+    switch_config = transformers.SwitchTransformersConfig(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+        num_experts=4, expert_capacity=2, encoder_sparse_step=1, decoder_sparse_step=1,
+    )  # fmt: skip
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    with record_hook_syncs(monkeypatch) as recorder:
+        mixtral = _decoder("mixtral")
+        mixtral_monitor = RouterMonitor(mixtral)
+        assert {layer.adapter for layer in mixtral_monitor.layers} == {"hf"}
+        mixtral(ids)
+        switch = transformers.SwitchTransformersForConditionalGeneration(switch_config)
+        switch_monitor = RouterMonitor(switch)
+        switch(input_ids=ids, decoder_input_ids=ids[:, :5])
+    assert recorder.ops == []
+    assert mixtral_monitor.collect(step=0).tokens.tolist() == [12, 12]
+    switch_snap = switch_monitor.collect(step=0)
+    assert switch_snap.tokens.tolist() == [12, 12, 10, 10] and switch_snap.dropped.sum().item() > 0

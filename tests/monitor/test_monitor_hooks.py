@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from monitor_toys import ToyModel
+from monitor_toys import ToyModel, record_hook_syncs
 from torch import nn
 
 from moe_monitor import NoRoutersFoundError, RouterMonitor, RouterSpec
@@ -113,12 +113,38 @@ def _host_sync_forbidden():
             setattr(torch.Tensor, name, method)
 
 
+def test_sync_recorder_catches_syncs_planted_in_a_hook(monkeypatch):
+    from moe_monitor.routing import Routing
+
+    def syncing_extract(module, args, output):
+        logits_TE, _, idx_TK = output
+        flat_A = idx_TK.reshape(-1)
+        _ = flat_A.nonzero(), int(flat_A.max()), flat_A[flat_A >= 0], torch.bincount(flat_A)
+        _ = logits_TE.masked_select(logits_TE > 0)
+        return Routing.from_topk(idx_TK, logits_TE=logits_TE)
+
+    model = ToyModel()
+    with record_hook_syncs(monkeypatch) as recorder:
+        spec = RouterSpec(name="blocks.0.router", num_experts=4, top_k=2, extract=syncing_extract)
+        monitor = RouterMonitor(model, routers=[spec])
+        model(torch.randn(1, 3, 8))
+    assert set(recorder.ops) == {
+        "aten.nonzero.default",
+        "aten._local_scalar_dense.default",
+        "aten.index.Tensor (bool mask)",
+        "aten.bincount.default",
+        "aten.masked_select.default",
+    }
+    assert monitor.collect(step=0).tokens.tolist() == [3]
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")
-def test_hooks_never_synchronise_with_the_host():
+def test_hooks_never_synchronise_with_the_host(monkeypatch):
     torch.manual_seed(3)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = ToyModel(top_k=2, checkpointing="non_reentrant").to(device)
-    monitor = _monitor(model)
+    with record_hook_syncs(monkeypatch) as recorder:
+        monitor = _monitor(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x_BSD = torch.randn(2, 6, 8, device=device)
     mask_BS = torch.ones(2, 6, dtype=torch.bool, device=device)
@@ -139,6 +165,7 @@ def test_hooks_never_synchronise_with_the_host():
     finally:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
+    assert recorder.ops == []
     assert monitor.collect(step=0).tokens.tolist() == [12 + 2 * 10] * 2
     assert monitor.collect(step=0, phase="val").tokens.tolist() == [10, 10]
 

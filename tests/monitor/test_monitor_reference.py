@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from monitor_toys import record_hook_syncs
 
 from moe_monitor import RouterMonitor
 from moe_monitor.reference import MoEConfig, MoETransformer
@@ -110,3 +111,15 @@ def test_capacity_changed_between_steps_is_read_per_forward():
     snap = monitor.collect(step=1)
     assert snap.stats["dropped_fraction"].tolist() == [0.0, 0.0]
     assert all(math.isfinite(v) for v in snap.extras["counterfactual_drop@1.0"].tolist())
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_hooks_do_not_synchronise_with_capacity_or_expert_choice(monkeypatch, router):
+    with record_hook_syncs(monkeypatch) as recorder:
+        model = _model(router=router, capacity_factor=0.5)
+        monitor = RouterMonitor(model)
+        model(torch.randint(0, 256, (2, 8))).logits.sum().backward()
+    assert recorder.ops == []
+    snap = monitor.collect(step=0)
+    assert snap.tokens.tolist() == [16, 16]
+    assert router == "expert_choice" or min(snap.dropped.tolist()) > 0
