@@ -38,7 +38,8 @@ class Snapshot:
         counts: ``int64 [L, E]`` assignments selected per expert (before capacity dropping).
         tokens: ``int64 [L]`` tokens routed (padding excluded when a mask was known).
         dropped: ``int64 [L]`` assignments dropped for capacity.
-        nonfinite_tokens: ``int64 [L]`` tokens with NaN/Inf router logits, left out of every statistic.
+        nonfinite_tokens: ``int64 [L]`` tokens whose router logits hold a NaN or +Inf (or are all -Inf), left out
+            of every statistic. A -Inf logit alone is a masked expert, not a fault.
         stats: SPEC §3 statistic name (see :data:`STAT_NAMES`) -> ``float64 [L]``; NaN where a router cannot
             provide it or the window was empty.
         extras: further ``float64`` tensors with a leading ``L`` dimension, e.g. ``"coactivation"``

@@ -5,7 +5,7 @@ model order, zero-padded to at least two digits; ``<EE>`` an expert label such a
 
 - ``moe/<phase>/<stat>/<LL>``: each statistic of SPEC §3 (:data:`~moe_monitor.snapshot.STAT_NAMES`) per layer.
 - ``moe/<phase>/all/min_load_entropy``, ``.../all/max_max_violation``: the worst layer.
-- ``moe/<phase>/all/dropped_fraction``: dropped over routed assignments, all layers together.
+- ``moe/<phase>/all/dropped_fraction``: dropped over routed assignments, all layers whose drops are known.
 - ``moe/<phase>/all/layers_with_dead_experts``: layers with at least one expert unused in the window.
 - ``moe/<phase>/load/<LL>/<EE>``: each expert's load, only with ``log_expert_loads=True``.
 
@@ -80,12 +80,12 @@ def scalar_metrics(snapshot: Snapshot, log_expert_loads: bool = False) -> dict[s
         ...     counts=torch.tensor([[3, 1], [4, 0]]), tokens=torch.tensor([4, 4]), dropped=torch.tensor([1, 0]),
         ...     nonfinite_tokens=torch.tensor([0, 0]),
         ...     stats={"load_entropy": torch.tensor([0.5, 0.0]), "dead_experts": torch.tensor([0.0, 1.0]),
-        ...            "z_loss": torch.tensor([nan, nan])})
+        ...            "z_loss": torch.tensor([nan, nan]), "dropped_fraction": torch.tensor([0.25, nan])})
         >>> m = scalar_metrics(snap, log_expert_loads=True)
         >>> m["moe/train/load_entropy/L00"], m["moe/train/all/min_load_entropy"], "moe/train/z_loss/L00" in m
         (0.5, 0.0, False)
-        >>> m["moe/train/all/dropped_fraction"], m["moe/train/all/layers_with_dead_experts"]
-        (0.125, 1.0)
+        >>> m["moe/train/all/dropped_fraction"], m["moe/train/all/layers_with_dead_experts"]  # b's drops unknown
+        (0.25, 1.0)
         >>> m["moe/train/load/L00/E00"]
         0.75
     """
@@ -108,9 +108,13 @@ def scalar_metrics(snapshot: Snapshot, log_expert_loads: bool = False) -> dict[s
         metrics[summary_key(phase, "min_load_entropy")] = min(entropies)
     if violations := finite("max_violation"):
         metrics[summary_key(phase, "max_max_violation")] = max(violations)
-    assignments = int(snapshot.counts.sum())
-    if assignments > 0:
-        metrics[summary_key(phase, "dropped_fraction")] = int(snapshot.dropped.sum()) / assignments
+    # Over the layers whose drops are known: a capacity router that does not report its drops has a NaN
+    # dropped_fraction, and counting its assignments as kept would make the total look better than it is.
+    known_L = snapshot.stats["dropped_fraction"].isfinite() if "dropped_fraction" in snapshot.stats else None
+    if known_L is not None:
+        assignments = int(snapshot.counts[known_L].sum())
+        if assignments > 0:
+            metrics[summary_key(phase, "dropped_fraction")] = int(snapshot.dropped[known_L].sum()) / assignments
     if "dead_experts" in snapshot.stats:
         metrics[summary_key(phase, "layers_with_dead_experts")] = float(sum(d > 0 for d in finite("dead_experts")))
 
