@@ -318,3 +318,10 @@ def test_imbalance_rules_scale_with_top_k_and_experts(counts, top_k, collapsed):
 
 def test_no_imbalance_possible_when_every_token_uses_every_expert():
     assert feed(CollapseDetector(patience=1), [[500, 500]], 2, top_k=2) == [[], []]
+
+
+def test_dropped_fraction_message_does_not_claim_a_collapse():
+    det = only(CollapseDetector(patience=1), "dropped_fraction")
+    (event,) = det.update(snap(BALANCED, dropped=[2000]))
+    assert event.severity == "warning" and "capacity overflow, 25.0% of assignments dropped" in event.message
+    assert "not a router collapse" in event.message
