@@ -518,6 +518,11 @@ class ExpertBiasController(Controller):
     ``all_reduce`` of the ``[L, E]`` counts when ``torch.distributed`` is initialised, no host sync, and every
     process applies the identical update.
 
+    It acts every step, but it tells the user (a ``kind="control"`` event) only when something material happened:
+    at the first window with updates, and whenever a layer's bias range (max - min) has doubled or halved since the
+    last event of that layer. A run of a thousand windows thus gets a handful of events per layer, not one per
+    window; the per-window values are in :meth:`metrics`.
+
     Args:
         rate: bias step per optimizer step, in units of the router scores (softmax probabilities on the reference
             model, sigmoid scores on DeepSeek-V3). 1e-3 as in Wang et al. 2024.
@@ -526,6 +531,10 @@ class ExpertBiasController(Controller):
     Logged metrics:
         ``controller/bias/<layer>/max_abs`` (largest ``|bias|``), ``controller/bias/<layer>/range`` (max - min)
         and ``controller/bias/updates``.
+
+    Events:
+        ``rule="expert_bias"``, ``value`` the layer's bias range now, ``threshold`` the range at its previous event
+        (0 for the first).
 
     Example:
         >>> from moe_monitor.monitor import RouterMonitor
@@ -555,6 +564,8 @@ class ExpertBiasController(Controller):
         self.biases: list[torch.Tensor] = []
         self.updates = 0
         self._last_reported = 0
+        # Bias range (max - min) of each layer at its last event; a layer without an event yet is absent.
+        self._reported_range: dict[str, float] = {}
         self._prev_counts_LE: torch.Tensor | None = None
 
     def _bind(self, model: nn.Module, monitor: Any) -> None:
@@ -611,20 +622,27 @@ class ExpertBiasController(Controller):
         self._prev_counts_LE = None
         if self.updates == self._last_reported:
             return []
-        steps, self._last_reported = self.updates - self._last_reported, self.updates
+        self._last_reported = self.updates
         out = []
         for name, bias_E in zip(self.layer_names, self.biases):
             b = bias_E.detach().float().cpu()
             lo, hi = int(b.argmin()), int(b.argmax())
+            spread = float(b[hi] - b[lo])
+            before = self._reported_range.get(name)
+            if before is not None and (spread == before or before / 2 < spread < before * 2):
+                continue
+            self._reported_range[name] = spread
+            change = "started" if before is None else f"range {before:.3g} -> {spread:.3g}"
             out.append(
                 _event(
                     snapshot.step,
                     name,
                     "expert_bias",
-                    float(b.abs().max()),
-                    self.rate,
-                    f"[train step {snapshot.step}] {name}: expert_bias updated over {steps} steps, range "
-                    f"[{float(b[lo]):+.4f}, {float(b[hi]):+.4f}]; most boosted expert {hi}, most held back {lo}.",
+                    spread,
+                    0.0 if before is None else before,
+                    f"[train step {snapshot.step}] {name}: expert_bias {change} after {self.updates} updates, now "
+                    f"[{float(b[lo]):+.4f}, {float(b[hi]):+.4f}]; most boosted expert {hi}, most held back {lo}. "
+                    "Next event when the range doubles or halves.",
                 )
             )
         return out
@@ -643,11 +661,13 @@ class ExpertBiasController(Controller):
             "bias": {name: b.detach().cpu().clone() for name, b in zip(self.layer_names, self.biases)},
             "updates": self.updates,
             "last_reported": self._last_reported,
+            "reported_range": dict(self._reported_range),
         }
 
     def _load_knob_state(self, state: dict[str, Any]) -> None:
         self.updates = int(state.get("updates", 0))
         self._last_reported = int(state.get("last_reported", self.updates))
+        self._reported_range = {k: float(v) for k, v in state.get("reported_range", {}).items()}
         self._prev_counts_LE = None
         with torch.no_grad():
             for name, bias_E in zip(self.layer_names, self.biases):

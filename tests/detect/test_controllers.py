@@ -212,6 +212,34 @@ def test_bias_update_uses_each_step_counts_and_window_restarts():
     assert metrics[f"controller/bias/{LAYER0}/max_abs"] == pytest.approx(float(bias.abs().max()))
 
 
+def test_bias_events_only_when_the_range_doubles_or_halves():
+    model, monitor = reference(expert_bias=True)
+    fake = CountingMonitor(monitor)
+    ctl = ExpertBiasController(rate=0.25)  # a binary fraction: every bias value is exact in float32
+    ctl.setup(model, fake)
+
+    def windows(counts: list[float], n: int, start: int) -> list[tuple[int, str, float]]:
+        out = []
+        for step in range(start, start + n):  # one optimizer step per window
+            fake.counts_LE.zero_()
+            fake.counts_LE[0] = torch.tensor(counts, dtype=torch.float64)
+            ctl.on_train_step(fake, step)
+            out += [(e.step, e.layer, e.value) for e in ctl.on_window(window(step), [])]
+        return out
+
+    # Expert 0 overloaded, expert 1 idle: the range grows by 2 * 0.25 per step, 0.5 after window 1, and doubles
+    # at windows 2, 4, 8, 16, 32, 64. Layer 1 sees no tokens: one event (range 0) and silence.
+    growing = windows([10.0, 0.0, 5.0, 5.0], 64, start=1)
+    assert [(step, value) for step, layer, value in growing if layer == LAYER0] == [
+        (w, 0.5 * w) for w in (1, 2, 4, 8, 16, 32, 64)
+    ]
+    assert [(step, value) for step, layer, value in growing if layer == LAYER1] == [(1, 0.0)]
+    # The load flips: the range shrinks by 0.5 per window from 32 and is reported once it has halved (16).
+    shrinking = windows([0.0, 10.0, 5.0, 5.0], 40, start=65)
+    assert shrinking == [(65 + 31, LAYER0, 16.0)]
+    assert ctl.metrics()[f"controller/bias/{LAYER0}/range"] == 32.0 - 0.5 * 40  # per-window values stay metrics
+
+
 def test_bias_balances_a_real_router():
     # Wide random gates plus a shared preference for expert 0: an imbalanced but token-dependent routing.
     model, monitor = reference(expert_bias=True, n_experts=8, init_std=0.3)
