@@ -12,7 +12,6 @@ when ``minlength`` is given; ``index_add_`` into a fixed-size buffer does not.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -116,13 +115,16 @@ def forward_update(
     """
     # Under the caller's autocast (bf16-mixed training) the matrix products below would run in bf16 and round the
     # sums (z_loss, aux_loss, co-activation counts above 256); the router statistics are defined in fp32.
-    with _autocast_off(routing.expert_idx_A.device):
+    device = routing.expert_idx_A.device
+    if not _autocast_on(device):  # entering an autocast context costs more than this check
+        return _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless)
+    with torch.autocast(device.type, enabled=False):
         return _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless)
 
 
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+def _autocast_on(device: torch.device) -> bool:
     available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
-    return torch.autocast(device.type, enabled=False) if available(device.type) else contextlib.nullcontext()
+    return available(device.type) and torch.is_autocast_enabled(device.type)
 
 
 def _update(
@@ -140,7 +142,7 @@ def _update(
     num_tokens = routing.num_tokens
     scalars = dict.fromkeys(SCALARS)
 
-    valid_T = torch.ones(num_tokens, device=device) if mask_T is None else mask_T.to(device, torch.float32)
+    mask_T = None if mask_T is None else mask_T.to(device, torch.float32)
     # Explicit widths: reshape(0, -1) cannot infer the width of a forward with no tokens.
     logits_TE = None if routing.logits_TE is None else _rows(routing.logits_TE, num_tokens)
     probs_TE = None if routing.probs_TE is None else _rows(routing.probs_TE, num_tokens)
@@ -153,46 +155,50 @@ def _update(
     prob_sum_E = None
     if has_probs:
         # A token with a NaN or +inf logit (or a non-finite probability) is counted apart and masked out of every
-        # statistic; torch.where (not a multiply) so that NaN * 0 does not leak into the sums. A -inf logit is a
-        # legitimate mask (an expert the router may not choose, e.g. group-limited routing): probability 0. Only a
-        # token whose logits are all -inf has no distribution.
-        if logits_TE is not None:
-            finite_T = ~(logits_TE.isnan() | logits_TE.isposinf()).any(dim=-1) & ~logits_TE.isneginf().all(dim=-1)
-            if probs_TE is not None:
-                finite_T = finite_T & probs_TE.isfinite().all(dim=-1)
-        else:
-            finite_T = probs_TE.isfinite().all(dim=-1)
-        scalars["nonfinite_tokens"] = (valid_T * ~finite_T).sum()
-        valid_T = valid_T * finite_T
+        # statistic. A -inf logit is a legitimate mask (an expert the router may not choose, e.g. group-limited
+        # routing): probability 0. Only a token whose logits are all -inf has no distribution. The row max tells
+        # all three apart in one reduction (NaN propagates through amax), and it is the softmax shift anyway.
         columns_TC = []
         if has_logits:
             # Softmax, logsumexp, entropy and top-1 probability from one exp: torch.logsumexp alone costs more on
-            # the CPU than all of this. Once non-finite tokens are zeroed every row has a finite max; masked (-inf)
-            # entries give exp 0, so z_loss is the logsumexp over the finite entries.
-            logits_TE = torch.where(finite_T[:, None], logits_TE, 0.0)
+            # the CPU than all of this. Masked (-inf) entries give exp 0, so z_loss is the logsumexp over the finite
+            # entries.
             max_T1 = logits_TE.amax(dim=-1, keepdim=True)
+            finite_T = max_T1.squeeze(1).isfinite()
             shifted_TE = logits_TE - max_T1
             exp_TE = shifted_TE.exp()
             sumexp_T1 = exp_TE.sum(dim=-1, keepdim=True)
             log_sumexp_T1 = sumexp_T1.log()
             columns_TC.append((max_T1 + log_sumexp_T1).square())
+            if probs_TE is not None:
+                finite_T = finite_T & probs_TE.isfinite().all(dim=-1)
+        else:
+            finite_T = probs_TE.isfinite().all(dim=-1)
         if probs_TE is None:
             probs_TE = exp_TE / sumexp_T1
             top1_T1 = sumexp_T1.reciprocal()  # the largest probability is exp(0) / sum
-            # 0 * -inf is NaN: a masked expert (p = 0) adds 0 ln 0 = 0 to the entropy.
-            p_shifted_TE = torch.where(exp_TE > 0, probs_TE * shifted_TE, 0.0)
-            entropy_T1 = log_sumexp_T1 - p_shifted_TE.sum(dim=-1, keepdim=True)
+            # A masked expert has p = 0 and shifted = -inf; clamping makes its p * shifted 0 (0 ln 0 = 0), not NaN.
+            entropy_T1 = log_sumexp_T1 - (probs_TE * shifted_TE.clamp_min(-1e30)).sum(dim=-1, keepdim=True)
         else:
-            probs_TE = torch.where(finite_T[:, None], probs_TE, 0.0)
             top1_T1 = probs_TE.amax(dim=-1, keepdim=True)
             entropy_T1 = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1, keepdim=True)
         entropy_T1 = entropy_T1 * (1.0 / math.log(e) if e > 1 else 0.0)
-        # One matrix-vector product gives every per-token sum at once.
-        sums_C = valid_T @ torch.cat([probs_TE, top1_T1, entropy_T1, *columns_TC], dim=1)
+        if mask_T is None:
+            scalars["nonfinite_tokens"] = (~finite_T).sum()
+            valid_T = finite_T.float()
+        else:
+            scalars["nonfinite_tokens"] = (mask_T * ~finite_T).sum()
+            valid_T = mask_T * finite_T
+        # One matrix-vector product gives every per-token sum at once; torch.where (not the 0 weight alone) keeps a
+        # non-finite token's NaN out of the sums, as NaN * 0 is NaN.
+        columns_TC = torch.where(finite_T[:, None], torch.cat([probs_TE, top1_T1, entropy_T1, *columns_TC], dim=1), 0.0)
+        sums_C = valid_T @ columns_TC
         prob_sum_E = sums_C[:e]
         scalars["top1_sum"], scalars["entropy_sum"] = sums_C[e], sums_C[e + 1]
-        if columns_TC:
+        if has_logits:
             scalars["z_sum"] = sums_C[e + 2]
+    else:
+        valid_T = torch.ones(num_tokens, device=device) if mask_T is None else mask_T
 
     weight_A = valid_T.index_select(0, routing.token_idx_A)
     # An expert index outside [0, E) (some routers mark "no expert" with -1 or E) is not an assignment. Masking it
