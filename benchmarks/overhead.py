@@ -6,13 +6,14 @@ each on its own copy of the same model so hooks never have to be re-attached:
 - ``none``: no monitor;
 - ``every50``: RouterMonitor, ``collect`` every 50 steps;
 - ``every1``: RouterMonitor, ``collect`` every step;
+- ``every50_nocoact``: ``collect`` every 50 steps, expert co-activation counting off (``coactivation=False``);
 - ``naive``: a hook that copies every router's logits to the host each forward and counts there.
 
 Prints each variant's median step time, its ratio to ``none`` (ratio of medians, and the median of the per-round
 ratios), and the directly timed cost of one hook call and one ``collect`` with the overhead they imply.
 Targets (CPU): every50 <= 1.02x, every1 <= 1.05x.
 
-Usage: ``python benchmarks/overhead.py [--rounds 30] [--steps 10] [--batch 8] [--threads 1] [--preset tiny]``
+Usage: ``python benchmarks/overhead.py [--rounds 30] [--steps 10] [--batch 16] [--threads 1] [--preset tiny]``
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
+    # 16 sequences of 128 bytes: the batch `moe-monitor train` trains the tiny preset with.
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,10 +69,12 @@ def main() -> None:
     tokens = torch.randint(0, config.vocab_size, (args.batch, config.seq_len + 1), device=device)
 
     variants = {}
-    for name in ("none", "every50", "every1", "naive"):
+    for name in ("none", "every50", "every1", "every50_nocoact", "naive"):
         model = copy.deepcopy(base)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        monitor = RouterMonitor(model) if name in ("every50", "every1") else None
+        monitor = None
+        if name.startswith("every"):
+            monitor = RouterMonitor(model, coactivation=not name.endswith("nocoact"))
         if name == "naive":
             NaiveMonitor(model)
         variants[name] = dict(model=model, optimizer=optimizer, monitor=monitor, step=0, times=[])
