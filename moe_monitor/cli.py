@@ -331,9 +331,23 @@ def run_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     trainer.fit(lm, datamodule=data)
     elapsed = time.perf_counter() - start
+    _end_process_group()
     if trainer.global_rank == 0:
         _print_summary(trainer, logger, args, elapsed)
     return 0
+
+
+def _end_process_group() -> None:
+    """Ends the process group of a multi-process run before the interpreter does.
+
+    Left to interpreter exit, gloo's threads sometimes abort a finished worker with SIGABRT ("terminate called
+    without an active exception"), turning a complete run into a failed exit code.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def resolve_training(args: argparse.Namespace) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
 
 from moe_monitor import CollapseDetector, MoEMonitor
-from tests.callback.conftest import SEQ_LEN, make_data, make_lm, make_trainer, routers_of
+from tests.callback.conftest import SEQ_LEN, DestroyProcessGroup, make_data, make_lm, make_trainer, routers_of
 
 
 @pytest.mark.slow
@@ -25,7 +25,13 @@ def test_ddp_windows_cover_both_processes_and_every_rank_stops_together(tmp_path
     )
     logger = CSVLogger(tmp_path, name="ddp", version=0)  # a fixed version: the parent process reads it back
     trainer = make_trainer(
-        tmp_path, [callback], logger, max_steps=6, strategy="ddp_spawn", devices=2, limit_val_batches=0
+        tmp_path,
+        [callback, DestroyProcessGroup()],
+        logger,
+        max_steps=6,
+        strategy="ddp_spawn",
+        devices=2,
+        limit_val_batches=0,
     )
     trainer.fit(make_lm(), make_data(batch_size=2))
 
