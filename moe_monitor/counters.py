@@ -13,7 +13,8 @@ when ``minlength`` is given; ``index_add_`` into a fixed-size buffer does not.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -67,6 +68,7 @@ class Layout:
         names = SCALARS + tuple(f"cf_dropped@{float(cf)!r}" for cf in self.capacity_factors)
         self._scalar_index = {name: self._scalar0 + i for i, name in enumerate(names)}
         self.width = self._scalar0 + len(names)
+        self._constants: dict[tuple, torch.Tensor] = {}
 
     @property
     def scalar_names(self) -> tuple[str, ...]:
@@ -76,6 +78,59 @@ class Layout:
     def scalar(self, name: str) -> int:
         """Column of a scalar field (see :data:`SCALARS`, plus ``cf_dropped@<cf>``)."""
         return self._scalar_index[name]
+
+    # Small constant device tensors of forward_update, made once per shape of forward (never per call: on CUDA a
+    # tensor made from a Python list is a host-to-device copy).
+    def _cached(self, key: tuple, make: Callable[[], Any]) -> Any:
+        value = self._constants.get(key)
+        if value is None:
+            value = self._constants[key] = make()
+        return value
+
+    def _nonfinite_fill(self, num_columns: int, device: torch.device) -> torch.Tensor:
+        # What a non-finite token contributes to the per-token columns: only its 1 in "one" (it is not valid).
+        def make() -> torch.Tensor:
+            fill_C = torch.zeros(num_columns)
+            fill_C[0] = 1.0
+            return fill_C.to(device)
+
+        return self._cached(("fill", num_columns, device), make)
+
+    def _capacity_rates(self, fields: tuple[str, ...], top_k: int, e: int, device: torch.device) -> torch.Tensor:
+        # Capacity per routed token: k * cf / E for a counterfactual, 0 (nothing kept) for a total of the counts.
+        rates = [top_k * float(name.split("@")[1]) / e if "@" in name else 0.0 for name in fields]
+        return self._cached(("rates", fields, top_k, e, device), lambda: torch.tensor(rates, device=device))
+
+    def _scatter(
+        self,
+        e: int,
+        shape_RC: tuple[int, int],
+        has_probs: bool,
+        has_logits: bool,
+        coactivation: bool,
+        extras: tuple[str, ...],
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Which of forward_update's values (its product, flattened, then the extra scalars) goes to which column.
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            rows, columns = shape_RC
+            last = (rows - 1) * columns
+            pairs = [(last + j, self.counts.start + j) for j in range(e)]
+            pairs.append((last + e, self.scalar("tokens")))
+            if has_probs:
+                pairs += [(last + e + 1 + j, self.prob_sum.start + j) for j in range(e)]
+                pairs += [(last + e, self.scalar("prob_tokens")), (last + 2 * e + 1, self.scalar("top1_sum"))]
+                pairs.append((last + 2 * e + 2, self.scalar("entropy_sum")))
+                if has_logits:
+                    pairs += [(last + e, self.scalar("logit_tokens")), (last + 2 * e + 3, self.scalar("z_sum"))]
+            if coactivation:
+                width = self.num_experts
+                pairs += [(i * columns + j, self.coact.start + i * width + j) for i in range(e) for j in range(e)]
+            pairs += [(rows * columns + n, self.scalar(name)) for n, name in enumerate(extras)]
+            source, destination = torch.tensor(pairs, dtype=torch.int64).T
+            return source.to(device), destination.to(device)
+
+        return self._cached(("scatter", e, shape_RC, has_probs, has_logits, coactivation, extras, device), make)
 
 
 def forward_update(
@@ -87,6 +142,7 @@ def forward_update(
     coactivation: bool = False,
     counterfactual: bool = False,
     dropless: bool = True,
+    out_F: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What one router forward adds to its layer's row of the window buffer: ``float64 [F]``, on the router's device.
 
@@ -103,6 +159,11 @@ def forward_update(
         counterfactual: evaluate the drop a capacity ``ceil(T / E * k * cf)`` would cause (dropless routers).
         dropless: the router has no capacity limit, so ``routing.kept_A is None`` means nothing was dropped; when
             ``False`` such a forward's assignments count as ``drop_unknown`` (its dropped fraction is not known).
+        out_F: the ``[F]`` buffer row to add the update to (float64, or float32 on MPS); ``None`` adds it to a new
+            zero row.
+
+    Returns:
+        ``out_F``, or the new row.
 
     Raises:
         ExpertCountMismatch: the logits or probabilities are not ``num_experts`` wide (a shape check, no sync).
@@ -113,13 +174,17 @@ def forward_update(
         >>> update[layout.counts].tolist(), update[layout.scalar("tokens")].item()
         ([1.0, 0.0, 2.0], 3.0)
     """
-    # Under the caller's autocast (bf16-mixed training) the matrix products below would run in bf16 and round the
-    # sums (z_loss, aux_loss, co-activation counts above 256); the router statistics are defined in fp32.
     device = routing.expert_idx_A.device
+    if out_F is None:
+        out_F = torch.zeros(layout.width, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    # Under the caller's autocast (bf16-mixed training) the matrix product below would run in bf16 and round the
+    # sums (z_loss, aux_loss, co-activation counts above 256); the router statistics are defined in fp32.
     if not _autocast_on(device):  # entering an autocast context costs more than this check
-        return _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless)
-    with torch.autocast(device.type, enabled=False):
-        return _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless)
+        _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless, out_F)
+    else:
+        with torch.autocast(device.type, enabled=False):
+            _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless, out_F)
+    return out_F
 
 
 def _autocast_on(device: torch.device) -> bool:
@@ -136,11 +201,17 @@ def _update(
     coactivation: bool,
     counterfactual: bool,
     dropless: bool,
-) -> torch.Tensor:
-    e, width = num_experts, layout.num_experts
+    out_F: torch.Tensor,
+) -> None:
+    # Every per-token quantity is a column of one matrix G_TC and every sum over tokens comes out of one matrix
+    # product, then one index_add_ scatters the sums into the row: a few dozen small ops per forward, as the CPU
+    # cost of a hook is per op, not per element. Columns of G: dispatch [E] | valid, then, when the router has
+    # probabilities: probs [E] | top1 | entropy | z (with logits).
+    e = num_experts
     device = routing.expert_idx_A.device
     num_tokens = routing.num_tokens
-    scalars = dict.fromkeys(SCALARS)
+    weight_1T = None  # per-token weight of the sums beyond the 0 of a non-finite token's values: none, or a tensor
+    coactivation = coactivation and layout.coactivation
 
     mask_T = None if mask_T is None else mask_T.to(device, torch.float32)
     # Explicit widths: reshape(0, -1) cannot infer the width of a forward with no tokens.
@@ -150,102 +221,105 @@ def _update(
     for values_TE in (logits_TE, probs_TE):
         if values_TE is not None and values_TE.shape[1] != e:
             raise ExpertCountMismatch(values_TE.shape[1], e)
-
     has_logits, has_probs = logits_TE is not None, logits_TE is not None or probs_TE is not None
-    prob_sum_E = None
+
+    # The [T, E] dispatch matrix: how often each token chose each expert. An expert index outside [0, E) (some
+    # routers mark "no expert" with -1 or E) is not an assignment. Masking it instead of indexing with it matters on
+    # CUDA, where an out-of-range index is a device-side assert that ends the process, and checking for one would
+    # need a host sync.
+    expert_idx_A = routing.expert_idx_A
+    clamped_A = expert_idx_A.clamp(0, e - 1)
+    in_range_A = (clamped_A == expert_idx_A).float()
+    # Each per-token quantity is written in place (out=) into a row of the [C, T] matrix, which costs less than
+    # concatenating them (and a compiled graph accepts only contiguous out= tensors).
+    num_columns = e + 1 + (e + 2 + has_logits if has_probs else 0)
+    values_CT = torch.zeros(num_columns, num_tokens, device=device)
+    values_CT.view(-1).index_add_(0, routing.token_idx_A.add(clamped_A, alpha=num_tokens), in_range_A)
+    valid_1T = values_CT[e : e + 1]
+
     if has_probs:
         # A token with a NaN or +inf logit (or a non-finite probability) is counted apart and masked out of every
         # statistic. A -inf logit is a legitimate mask (an expert the router may not choose, e.g. group-limited
-        # routing): probability 0. Only a token whose logits are all -inf has no distribution. The row max tells
-        # all three apart in one reduction (NaN propagates through amax), and it is the softmax shift anyway.
-        columns_TC = []
+        # routing): probability 0. Only a token whose logits are all -inf has no distribution.
+        derived = probs_TE is None
         if has_logits:
             # Softmax, logsumexp, entropy and top-1 probability from one exp: torch.logsumexp alone costs more on
             # the CPU than all of this. Masked (-inf) entries give exp 0, so z_loss is the logsumexp over the finite
-            # entries.
+            # entries. The row max is the softmax shift; when it is NaN or infinite (a NaN or +inf logit, or all
+            # -inf) every shifted entry is NaN, so the sum of exps is NaN exactly for the non-finite tokens.
             max_T1 = logits_TE.amax(dim=-1, keepdim=True)
-            finite_T = max_T1.squeeze(1).isfinite()
             shifted_TE = logits_TE - max_T1
             exp_TE = shifted_TE.exp()
             sumexp_T1 = exp_TE.sum(dim=-1, keepdim=True)
             log_sumexp_T1 = sumexp_T1.log()
-            columns_TC.append((max_T1 + log_sumexp_T1).square())
-            if probs_TE is not None:
-                finite_T = finite_T & probs_TE.isfinite().all(dim=-1)
+            torch.square((max_T1 + log_sumexp_T1).T, out=values_CT[2 * e + 3 :])
+            if not derived:
+                finite_T1 = (sumexp_T1 == sumexp_T1) & probs_TE.isfinite().all(dim=-1, keepdim=True)
         else:
-            finite_T = probs_TE.isfinite().all(dim=-1)
-        if probs_TE is None:
-            probs_TE = exp_TE / sumexp_T1
-            top1_T1 = sumexp_T1.reciprocal()  # the largest probability is exp(0) / sum
+            finite_T1 = probs_TE.isfinite().all(dim=-1, keepdim=True)
+        if derived:
+            probs_ET = torch.div(exp_TE.T, sumexp_T1.T, out=values_CT[e + 1 : 2 * e + 1])
+            torch.reciprocal(sumexp_T1.T, out=values_CT[2 * e + 1 : 2 * e + 2])  # the largest p is exp(0) / sum
             # A masked expert has p = 0 and shifted = -inf; clamping makes its p * shifted 0 (0 ln 0 = 0), not NaN.
-            entropy_T1 = log_sumexp_T1 - (probs_TE * shifted_TE.clamp_min(-1e30)).sum(dim=-1, keepdim=True)
+            entropy_T1 = log_sumexp_T1 - (probs_ET.T * shifted_TE.clamp_min(-1e30)).sum(dim=-1, keepdim=True)
+            # 1 for a finite token; NaN, like every other value of a non-finite token, for the others.
+            torch.clamp(sumexp_T1.T, max=1.0, out=valid_1T)
         else:
-            top1_T1 = probs_TE.amax(dim=-1, keepdim=True)
+            values_CT[e + 1 : 2 * e + 1] = probs_TE.T
+            torch.amax(probs_TE.T, dim=0, keepdim=True, out=values_CT[2 * e + 1 : 2 * e + 2])
             entropy_T1 = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1, keepdim=True)
-        entropy_T1 = entropy_T1 * (1.0 / math.log(e) if e > 1 else 0.0)
-        if mask_T is None:
-            scalars["nonfinite_tokens"] = (~finite_T).sum()
-            valid_T = finite_T.float()
+            valid_1T.fill_(1.0)
+        torch.mul(entropy_T1.T, 1.0 / math.log(e) if e > 1 else 0.0, out=values_CT[2 * e + 2 : 2 * e + 3])
+        # A non-finite token's NaN must stay out of the sums (a 0 weight would not do: NaN * 0 is NaN). Derived from
+        # the logits, every value of such a token is NaN and no other value is, so zeroing the NaNs (one fast
+        # elementwise pass; +-inf stay) masks those tokens' statistics, and the valid weight below their dispatch.
+        if derived:
+            values_CT.nan_to_num_(0.0, math.inf, -math.inf)
+            weight_1T = valid_1T
         else:
-            scalars["nonfinite_tokens"] = (mask_T * ~finite_T).sum()
-            valid_T = mask_T * finite_T
-        # One matrix-vector product gives every per-token sum at once; torch.where (not the 0 weight alone) keeps a
-        # non-finite token's NaN out of the sums, as NaN * 0 is NaN.
-        columns_TC = torch.where(finite_T[:, None], torch.cat([probs_TE, top1_T1, entropy_T1, *columns_TC], dim=1), 0.0)
-        sums_C = valid_T @ columns_TC
-        prob_sum_E = sums_C[:e]
-        scalars["top1_sum"], scalars["entropy_sum"] = sums_C[e], sums_C[e + 1]
-        if has_logits:
-            scalars["z_sum"] = sums_C[e + 2]
+            values_CT = torch.where(finite_T1.T, values_CT, 0.0)
+            valid_1T = values_CT[e : e + 1]
     else:
-        valid_T = torch.ones(num_tokens, device=device) if mask_T is None else mask_T
+        valid_1T.fill_(1.0)
+    if mask_T is not None:
+        weight_1T = mask_T[None] if weight_1T is None else mask_T[None] * weight_1T
 
-    weight_A = valid_T.index_select(0, routing.token_idx_A)
-    # An expert index outside [0, E) (some routers mark "no expert" with -1 or E) is not an assignment. Masking it
-    # instead of indexing with it matters on CUDA, where an out-of-range index is a device-side assert that ends the
-    # process, and checking for one would need a host sync.
-    expert_idx_A = routing.expert_idx_A
-    in_range_A = (expert_idx_A >= 0) & (expert_idx_A < e)
-    weight_A = weight_A * in_range_A
-    expert_idx_A = expert_idx_A.clamp(0, e - 1)
-    counts_E = torch.zeros(e, device=device).index_add_(0, expert_idx_A, weight_A)
-    tokens = valid_T.sum()
-    scalars["tokens"] = tokens
-    # Probabilities / logits are known for every counted token, or for none (then their statistics are NaN).
-    scalars["prob_tokens"] = tokens if has_probs else None
-    scalars["logit_tokens"] = tokens if has_logits else None
+    # The last row of the product: sums over the counted tokens; rows 0..E-1: co-activation counts.
+    if coactivation:
+        weights_RT = values_CT[: e + 1] if weight_1T is None else weight_1T * values_CT[: e + 1]
+    else:
+        weights_RT = valid_1T if weight_1T is None else weight_1T
+    sums_RC = weights_RT @ values_CT.T
+    sums_C = sums_RC[-1]
+
+    extras, extra_values = [], []
+    if has_probs:
+        extras.append("nonfinite_tokens")
+        total = num_tokens if mask_T is None else mask_T.sum()
+        extra_values.append((total - sums_C[e]).reshape(1))
     if routing.kept_A is not None:
-        scalars["dropped"] = (weight_A * ~routing.kept_A.reshape(-1)).sum()
-    elif not dropless:
-        scalars["drop_unknown"] = counts_E.sum()
-
-    parts = [_pad(counts_E, width), _pad(prob_sum_E, width) if prob_sum_E is not None else counts_E.new_zeros(width)]
-    if layout.coactivation:
-        coact = counts_E.new_zeros(width, width)
-        if coactivation:
-            # index_add_ into the flattened [T, E] dispatch matrix: known sync-free on CUDA, like the counts above.
-            flat_idx_A = routing.token_idx_A * e + expert_idx_A
-            dispatch_TE = torch.zeros(num_tokens * e, device=device).index_add_(0, flat_idx_A, weight_A)
-            dispatch_TE = dispatch_TE.view(num_tokens, e)
-            coact[:e, :e] = dispatch_TE.T @ dispatch_TE
-        parts.append(coact.reshape(-1))
-
-    cf_dropped = []
+        valid_T = valid_1T[0] if mask_T is None else mask_T * valid_1T[0]
+        weight_A = valid_T.index_select(0, routing.token_idx_A) * in_range_A
+        extras.append("dropped")
+        extra_values.append((weight_A * ~routing.kept_A.reshape(-1)).sum().reshape(1))
+    # Counts of the forward minus each capacity, for all capacities at once (a capacity of 0 gives the total).
+    capacity_fields = ("drop_unknown",) if routing.kept_A is None and not dropless else ()
     if counterfactual:
-        scalars["cf_assignments"] = counts_E.sum()
-        for cf in layout.capacity_factors:
-            capacity = torch.ceil(tokens * (top_k * cf / e))
-            cf_dropped.append((counts_E - capacity).clamp_min(0).sum())
-    zero = counts_E.new_zeros(())
-    scalar_values = [zero if v is None else v for v in scalars.values()]
-    scalar_values += cf_dropped or [zero] * len(layout.capacity_factors)
-    parts.append(torch.stack(scalar_values))
-    return torch.cat(parts).to(torch.float32 if device.type == "mps" else torch.float64)  # MPS has no float64
+        capacity_fields += ("cf_assignments",) + tuple(f"cf_dropped@{cf!r}" for cf in layout.capacity_factors)
+    if capacity_fields:
+        counts_E1 = sums_C[:e, None]
+        capacity_X = torch.ceil(sums_C[e] * layout._capacity_rates(capacity_fields, top_k, e, device))
+        extras += capacity_fields
+        extra_values.append((counts_E1 - capacity_X).clamp_min(0).sum(dim=0))
+
+    values = sums_RC.view(-1)
+    if extra_values:
+        values = torch.cat([values, *extra_values])
+    source, destination = layout._scatter(
+        e, tuple(sums_RC.shape), has_probs, has_logits, coactivation, tuple(extras), device
+    )
+    out_F.index_add_(0, destination, values.index_select(0, source).to(out_F.dtype))
 
 
 def _rows(values_TE: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return values_TE.detach().reshape(num_tokens, values_TE.shape[-1]).float()
-
-
-def _pad(values_E: torch.Tensor, width: int) -> torch.Tensor:
-    return values_E if values_E.shape[0] == width else torch.nn.functional.pad(values_E, (0, width - values_E.shape[0]))

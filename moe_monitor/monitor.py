@@ -12,6 +12,7 @@ Data path: router forward -> adapter ``extract`` -> :class:`~moe_monitor.routing
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -162,7 +163,14 @@ class RouterMonitor:
                 kind, dropless = (layer.kind, layer.dropless) if layer.live is None else layer.live(module)
                 with torch.no_grad():
                     routing = layer.extract(module, args, output)
-                    update_F = forward_update(
+                    update = (
+                        forward_update
+                        if compiling
+                        else functools.partial(
+                            forward_update, out_F=self._buffer(phase, routing.expert_idx_A.device)[index]
+                        )
+                    )
+                    update_F = update(
                         routing,
                         layer.num_experts,
                         # k from the shapes (A = T * k for token choice): follows a router whose top_k a controller
@@ -178,8 +186,8 @@ class RouterMonitor:
                         dropless=dropless,
                     )
                     if compiling:
-                        update_F = update_F * _forward_weight(update_F)
-                    self._buffer(phase, update_F.device)[index].add_(update_F)
+                        # The row form: a compiled graph scales the update by the opaque forward weight.
+                        self._buffer(phase, update_F.device)[index].add_(update_F * _forward_weight(update_F))
             except Exception as error:  # noqa: BLE001 - the monitor must never kill the step it watches
                 self._disabled.add(index)
                 if isinstance(error, ExpertCountMismatch):
