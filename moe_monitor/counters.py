@@ -68,7 +68,8 @@ class Layout:
         names = SCALARS + tuple(f"cf_dropped@{float(cf)!r}" for cf in self.capacity_factors)
         self._scalar_index = {name: self._scalar0 + i for i, name in enumerate(names)}
         self.width = self._scalar0 + len(names)
-        self._constants: dict[tuple, torch.Tensor] = {}
+        self._constants: dict[tuple, Any] = {}
+        self._counterfactual_fields = ("cf_assignments", *names[len(SCALARS) :])
 
     @property
     def scalar_names(self) -> tuple[str, ...]:
@@ -98,8 +99,11 @@ class Layout:
 
     def _capacity_rates(self, fields: tuple[str, ...], top_k: int, e: int, device: torch.device) -> torch.Tensor:
         # Capacity per routed token: k * cf / E for a counterfactual, 0 (nothing kept) for a total of the counts.
-        rates = [top_k * float(name.split("@")[1]) / e if "@" in name else 0.0 for name in fields]
-        return self._cached(("rates", fields, top_k, e, device), lambda: torch.tensor(rates, device=device))
+        def make() -> torch.Tensor:
+            cfs = dict(zip(self.scalar_names[len(SCALARS) :], self.capacity_factors))
+            return torch.tensor([top_k * cfs[name] / e if name in cfs else 0.0 for name in fields], device=device)
+
+        return self._cached(("rates", fields, top_k, e, device), make)
 
     def _scatter(
         self,
@@ -252,18 +256,19 @@ def _update(
             exp_TE = shifted_TE.exp()
             sumexp_T1 = exp_TE.sum(dim=-1, keepdim=True)
             log_sumexp_T1 = sumexp_T1.log()
+            sumexp_1T = sumexp_T1.T
             torch.square((max_T1 + log_sumexp_T1).T, out=values_CT[2 * e + 3 :])
             if not derived:
                 finite_T1 = (sumexp_T1 == sumexp_T1) & probs_TE.isfinite().all(dim=-1, keepdim=True)
         else:
             finite_T1 = probs_TE.isfinite().all(dim=-1, keepdim=True)
         if derived:
-            probs_ET = torch.div(exp_TE.T, sumexp_T1.T, out=values_CT[e + 1 : 2 * e + 1])
-            torch.reciprocal(sumexp_T1.T, out=values_CT[2 * e + 1 : 2 * e + 2])  # the largest p is exp(0) / sum
+            probs_ET = torch.div(exp_TE.T, sumexp_1T, out=values_CT[e + 1 : 2 * e + 1])
+            torch.reciprocal(sumexp_1T, out=values_CT[2 * e + 1 : 2 * e + 2])  # the largest p is exp(0) / sum
             # A masked expert has p = 0 and shifted = -inf; clamping makes its p * shifted 0 (0 ln 0 = 0), not NaN.
             entropy_T1 = log_sumexp_T1 - (probs_ET.T * shifted_TE.clamp_min(-1e30)).sum(dim=-1, keepdim=True)
             # 1 for a finite token; NaN, like every other value of a non-finite token, for the others.
-            torch.clamp(sumexp_T1.T, max=1.0, out=valid_1T)
+            torch.clamp(sumexp_1T, max=1.0, out=valid_1T)
         else:
             values_CT[e + 1 : 2 * e + 1] = probs_TE.T
             torch.amax(probs_TE.T, dim=0, keepdim=True, out=values_CT[2 * e + 1 : 2 * e + 2])
@@ -305,7 +310,7 @@ def _update(
     # Counts of the forward minus each capacity, for all capacities at once (a capacity of 0 gives the total).
     capacity_fields = ("drop_unknown",) if routing.kept_A is None and not dropless else ()
     if counterfactual:
-        capacity_fields += ("cf_assignments",) + tuple(f"cf_dropped@{cf!r}" for cf in layout.capacity_factors)
+        capacity_fields += layout._counterfactual_fields
     if capacity_fields:
         counts_E1 = sums_C[:e, None]
         capacity_X = torch.ceil(sums_C[e] * layout._capacity_rates(capacity_fields, top_k, e, device))
