@@ -5,7 +5,7 @@ Shape legend: ``L`` monitored layers, ``E`` experts (the largest of any layer), 
 
 Per phase there is one ``float64 [L, F]`` buffer on the routers' device (float64 counts are exact to 2**53). One row
 per layer, laid out by :class:`Layout`: ``counts [E] | prob_sum [E] | coactivation [E*E] (optional) | scalars``.
-A forward adds one row vector built by :func:`forward_update`; nothing here ever reads a value back to the host.
+:func:`forward_update` adds one forward to its layer's row; nothing here ever reads a value back to the host.
 ``torch.bincount`` is avoided on purpose: on CUDA it reads the input's max to size its output (a host sync) even
 when ``minlength`` is given; ``index_add_`` into a fixed-size buffer does not.
 """
@@ -87,15 +87,6 @@ class Layout:
         if value is None:
             value = self._constants[key] = make()
         return value
-
-    def _nonfinite_fill(self, num_columns: int, device: torch.device) -> torch.Tensor:
-        # What a non-finite token contributes to the per-token columns: only its 1 in "one" (it is not valid).
-        def make() -> torch.Tensor:
-            fill_C = torch.zeros(num_columns)
-            fill_C[0] = 1.0
-            return fill_C.to(device)
-
-        return self._cached(("fill", num_columns, device), make)
 
     def _capacity_rates(self, fields: tuple[str, ...], top_k: int, e: int, device: torch.device) -> torch.Tensor:
         # Capacity per routed token: k * cf / E for a counterfactual, 0 (nothing kept) for a total of the counts.
