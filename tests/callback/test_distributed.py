@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -15,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from moe_monitor import CollapseDetector, MoEMonitor
 from tests.callback.conftest import SEQ_LEN, DestroyProcessGroup, make_data, make_lm, make_trainer, routers_of
+from tests.ports import free_port
 
 
 @pytest.mark.slow
@@ -48,9 +48,7 @@ def test_ddp_windows_cover_both_processes_and_every_rank_stops_together(tmp_path
 
 @pytest.mark.slow
 def test_a_broken_process_group_raises_instead_of_leaving_the_other_ranks_waiting(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        url = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    url = f"tcp://127.0.0.1:{free_port()}"
     # Rank 1 joins the group and exits at once: the group is broken, as when a worker crashes.
     peer = subprocess.Popen(
         [

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.ports import free_port
+
 RATE = 0.01
 STEPS = 6
 WINDOW_AT = 3  # a window closes after this step, so the per-step differencing must restart
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, results) -> None:
@@ -82,7 +78,7 @@ def test_expert_bias_is_identical_on_both_ranks_and_uses_the_global_counts():
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(_worker, args=(2, _free_port(), results), nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(2, free_port(), results), nprocs=2, join=True, start_method="spawn")
         results = dict(results)
     bias0, local0, coefs0 = results[0]
     bias1, local1, coefs1 = results[1]

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, results) -> None:
@@ -73,7 +68,7 @@ def test_collect_reduces_across_two_processes():
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(_worker, args=(2, _free_port(), results), nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(2, free_port(), results), nprocs=2, join=True, start_method="spawn")
         results = dict(results)
     # Layer "c" is disabled on rank 1 only: only rank 0's token reached its counters.
     expected_counts = [[1, 2, 0], [1, 2, 0], [1, 0, 0]]
