@@ -32,9 +32,7 @@ def _worker(rank: int, world_size: int, port: int, results) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)
-        config = MoEConfig(
-            d_model=32, n_layers=2, n_heads=2, seq_len=16, n_experts=4, d_expert=16, expert_bias=True
-        )
+        config = MoEConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16, n_experts=4, d_expert=16, expert_bias=True)
         model = MoETransformer(config)
         for block in model.blocks:
             fully_shard(block)
