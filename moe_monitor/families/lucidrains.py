@@ -6,9 +6,10 @@ The gate returns ``(dispatch_BNEC, combine_BNEC, loss)``. Its scores are ``x @ w
 parameter, no submodule to hook, and not returned), so the family recomputes the logits from the gate's input (one
 ``[T, D] x [D, E]`` product). The chosen experts are the top-2 of those logits; the dispatch tensor says which ran.
 The second choice goes through ``second_policy_train`` / ``_eval`` (``"random"`` by default, also ``"threshold"``,
-``"none"``): a second choice that did not run is *skipped* when its expert had room and *dropped* (capacity) when
-it was full (:func:`~moe_monitor.families.grouped.capacity_outcome`). Hierarchical MoE (``HeirarchicalMoE``, with
-``outer_expert_dims``) is not supported: register its gates by hand.
+``"none"``): a second choice that did not run is *skipped* when the policy skips it for sure (``"none"``, or
+``"threshold"`` below the threshold) or may have (``"random"`` below the threshold) with room at its expert, and
+*dropped* (capacity) otherwise (:func:`~moe_monitor.families.grouped.capacity_outcome`). Hierarchical MoE
+(``HeirarchicalMoE``, with ``outer_expert_dims``) is not supported: register its gates by hand.
 
 Knobs: the ``MoE``'s ``loss_coef`` (aux-loss weight).
 """
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from moe_monitor.families.base import RouterLayer, find, is_instance_of
-from moe_monitor.families.grouped import capacity_outcome
+from moe_monitor.families.grouped import MAYBE, NEVER, ROUTED, capacity_outcome
 from moe_monitor.knobs import KnobRef, LayerKnobs
 from moe_monitor.routing import Routing
 
@@ -41,8 +43,19 @@ def extract(module: nn.Module, args: tuple, output: Any) -> Routing:
     dispatch_BNEC = output[0].detach()
     ran_BNE = (dispatch_BNEC != 0).any(dim=-1).reshape(-1, *dispatch_BNEC.shape[-3:-1])
     logits_BNE = (args[0].detach() @ module.w_gating.detach()).reshape(ran_BNE.shape)
-    topk_idx_BNK = logits_BNE.topk(2, dim=-1).indices
-    kept_BNK, skipped_BNK = capacity_outcome(topk_idx_BNK, ran_BNE, dispatch_BNEC.shape[-1])
+    top_BNK, topk_idx_BNK = logits_BNE.softmax(dim=-1).topk(2, dim=-1)
+    policy = module.second_policy_train if module.training else module.second_policy_eval
+    threshold = module.second_threshold_train if module.training else module.second_threshold_eval
+    second_BN = {"all": ROUTED, "none": NEVER}.get(policy, MAYBE)
+    policy_BNK = torch.full_like(topk_idx_BNK, ROUTED)
+    if second_BN == MAYBE:
+        # "random": routed with probability gate_2 / threshold (sure when >= 1); "threshold": when gate_2 > threshold.
+        gate_BN = top_BNK[..., 1] / (top_BNK.sum(dim=-1) + module.eps)
+        sure_BN = gate_BN >= max(threshold, module.eps) if policy == "random" else gate_BN > threshold
+        policy_BNK[..., 1] = torch.where(sure_BN, ROUTED, NEVER if policy == "threshold" else MAYBE)
+    else:
+        policy_BNK[..., 1] = second_BN
+    kept_BNK, skipped_BNK = capacity_outcome(topk_idx_BNK, ran_BNE, dispatch_BNEC.shape[-1], policy_BNK)
     return Routing.from_topk(topk_idx_BNK, logits_TE=logits_BNE, kept_TK=kept_BNK, skipped_TK=skipped_BNK)
 
 

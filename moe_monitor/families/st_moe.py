@@ -6,7 +6,7 @@ Shape legend: ``B`` groups (batches), ``N`` tokens per group, ``T = B * N``, ``E
 The gate returns ``(dispatch_BNEC, combine_BNEC, balance_loss, router_z_loss)``. The chosen experts are the top-``K``
 of its ``to_gates`` Linear's logits (kept by a forward hook on that Linear, no second product); the dispatch tensor
 says which ran. Its later choices are routed with probability ``min(1, gate / threshold)``: a choice that did not run
-is *skipped* when its expert had room and *dropped* (capacity) when the expert was full
+is *skipped* when that probability was below 1 and its expert had room, and *dropped* (capacity) otherwise
 (:func:`~moe_monitor.families.grouped.capacity_outcome`). The dispatch tensor is never read as scores, whatever ``C``.
 
 ``noise_gates=True`` (Gumbel noise on the logits before the choice) makes the choice unrecoverable from the logits; the
@@ -20,10 +20,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from moe_monitor.families.base import GateStash, RouterLayer, find, is_instance_of
-from moe_monitor.families.grouped import capacity_outcome
+from moe_monitor.families.grouped import MAYBE, ROUTED, capacity_outcome
 from moe_monitor.knobs import KnobRef, LayerKnobs
 from moe_monitor.routing import Routing
 
@@ -56,8 +57,13 @@ def _extract(name: str, stash: GateStash, noise: dict):
         dispatch_BNEC = output[0].detach()
         ran_BNE = (dispatch_BNEC != 0).any(dim=-1).reshape(-1, *dispatch_BNEC.shape[-3:-1])
         logits_BNE = logits_BNE.reshape(ran_BNE.shape)
-        topk_idx_BNK = logits_BNE.topk(int(module.top_n), dim=-1).indices
-        kept_BNK, skipped_BNK = capacity_outcome(topk_idx_BNK, ran_BNE, dispatch_BNEC.shape[-1])
+        top_BNK, topk_idx_BNK = logits_BNE.float().softmax(dim=-1).topk(int(module.top_n), dim=-1)
+        # Routing probability min(1, gate / threshold) of each choice, gate normalised over the top-n.
+        gate_BNK = top_BNK / top_BNK.sum(dim=-1, keepdim=True).clamp_min(module.eps)
+        threshold_K = module.threshold_train if module.training else module.threshold_eval
+        policy_BNK = torch.where(gate_BNK >= threshold_K, ROUTED, MAYBE)
+        policy_BNK[..., 0] = ROUTED
+        kept_BNK, skipped_BNK = capacity_outcome(topk_idx_BNK, ran_BNE, dispatch_BNEC.shape[-1], policy_BNK)
         return Routing.from_topk(topk_idx_BNK, logits_TE=logits_BNE, kept_TK=kept_BNK, skipped_TK=skipped_BNK)
 
     return extract
