@@ -6,6 +6,7 @@ Shape legend: ``T`` tokens in one forward, ``E`` experts, ``k`` experts chosen p
 from __future__ import annotations
 
 import sys
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -392,16 +393,17 @@ class MethodStash:
         self._value: torch.Tensor | None = None
         original = getattr(type(router), method)
 
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            result = original(router, *args, **kwargs)
-            if not router._forward_hooks:
-                router.__dict__.pop(method, None)
+        def wrapper(owner: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            result = original(owner, *args, **kwargs)
+            if not owner._forward_hooks:
+                owner.__dict__.pop(method, None)
                 self._value = None
             elif isinstance(result, torch.Tensor):
                 self._value = result.detach()
             return result
 
-        router.__dict__[method] = wrapper
+        # A bound method, not a closure over the router: a deep copy of the model rebinds it to the copy.
+        router.__dict__[method] = types.MethodType(wrapper, router)
 
     def take(self) -> torch.Tensor | None:
         """The logits of the current forward (then forgotten), or ``None``."""
@@ -438,7 +440,10 @@ def expect_forward(model: nn.Module, layer: RouterLayer, advice: Callable[[str, 
 
     def mark(module: nn.Module, args: tuple) -> None:
         if not torch.compiler.is_compiling():
+            # Confirmed: nothing left to check.
             ran[0] = True
+            pre.remove()
+            post.remove()
 
     def check(module: nn.Module, args: tuple, output: Any) -> None:
         # Checked in eager forwards only: a compiled graph cannot read the graph task id without a break.

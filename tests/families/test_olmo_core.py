@@ -59,3 +59,16 @@ def test_the_logits_wrapper_goes_away_with_the_monitor():
     monitor.remove()
     router(torch.randn(1, 4, D))
     assert "get_expert_logits" not in router.__dict__
+
+
+def test_a_deep_copy_of_a_monitored_router_computes_with_its_own_weights():
+    import copy
+
+    model = _model()
+    RouterMonitor(model)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone["blocks"][0].weight.mul_(-1.0)
+    x = torch.randn(1, 4, D)
+    own = torch.nn.functional.linear(x, clone["blocks"][0].weight.view(E, D))
+    assert torch.allclose(clone["blocks"][0].get_expert_logits(x), own)
