@@ -88,3 +88,14 @@ def test_deepspeed_has_no_knob_for_the_controllers():
     model = _model(2)
     knobs = layer_knobs(model, RouterMonitor(model).layers[0])
     assert knobs.aux_loss_coef == () and knobs.expert_bias is None and knobs.noise is None and knobs.jitter is None
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_the_dense_layout_of_a_gate_called_directly_is_read_too(k):
+    model = _model(k)
+    monitor = RouterMonitor(model)
+    gate = model["moe"].deepspeed_moe.gate
+    _, _, dispatch_SEC, exp_counts = gate(torch.randn(S, D))  # sparse_routes=False: (l_aux, combine, dispatch, counts)
+    snap = monitor.collect(step=0)
+    assert snap.counts[0].tolist() == exp_counts.long().tolist()
+    assert snap.dropped.tolist() == [k * S - int(dispatch_SEC.sum())]
