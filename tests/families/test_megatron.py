@@ -74,3 +74,31 @@ def test_knob_is_the_shared_aux_loss_coefficient_of_the_config():
     assert [ref.label for ref in knobs.aux_loss_coef] == ["layers.1.config.moe_aux_loss_coeff"]
     assert knobs.aux_loss_coef[0].get(model) == 0.02
     assert knobs.expert_bias is None  # moe_router_enable_expert_bias puts its buffer on CUDA: GPU machine only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Megatron-Core's router forward needs CUDA")
+@pytest.mark.parametrize("capacity_factor", [None, 0.5], ids=["dropless-bias", "capacity"])
+def test_cuda_forward_is_counted_like_the_routing_map(capacity_factor):
+    if capacity_factor is None:
+        overrides = dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
+    else:
+        overrides = dict(moe_expert_capacity_factor=capacity_factor, moe_token_drop_policy="probs")
+    model = _model(**overrides).cuda()
+    router = model["layers"][0]
+    if capacity_factor is None:
+        router.expert_bias.copy_(torch.linspace(0.0, 0.5, E, device="cuda"))
+    monitor = RouterMonitor(model)
+    maps = []
+    router.register_forward_hook(lambda module, args, output: maps.append(output[1].detach()))
+    x = torch.randn(8, 2, D, device="cuda")
+    router(x)
+    snap = monitor.collect(step=0)
+    kept = int(maps[0].sum())
+    if capacity_factor is None:
+        assert snap.counts[0].tolist() == maps[0].sum(dim=0).long().cpu().tolist()
+        assert snap.dropped.tolist()[0] == 0
+    else:
+        assert int(snap.counts[0].sum()) == 16 * K
+        assert snap.dropped.tolist()[0] == 16 * K - kept > 0
+    logits = torch.nn.functional.linear(x.reshape(-1, D).float(), router.weight.float()).double()
+    assert snap.stats["z_loss"][0].item() == pytest.approx(torch.logsumexp(logits, -1).square().mean().item(), rel=1e-4)
