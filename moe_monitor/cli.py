@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -362,13 +363,12 @@ def build_callbacks(args: argparse.Namespace) -> list[Callback]:
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    callbacks: list[Callback] = [ModelCheckpoint(save_last=True, save_top_k=0), LearningRateMonitor("step")]
     ckpt_every = resolve_training(args)["ckpt_every"]
     if ckpt_every:
-        # A second checkpoint callback: Lightning refuses every_n_train_steps and every_n_epochs on one instance,
-        # and the first one writes last.ckpt at the end whatever the step.
-        callbacks.append(ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=ckpt_every))
-    callbacks.append(_options_callback(args))
+        checkpoint: Callback = _periodic_checkpoint(ckpt_every, args.val_every)
+    else:
+        checkpoint = ModelCheckpoint(save_last=True, save_top_k=0)
+    callbacks: list[Callback] = [checkpoint, LearningRateMonitor("step"), _options_callback(args)]
     if args.no_monitor:
         if control_names(args) or args.stop_on_collapse:
             raise ValueError("--control and --stop-on-collapse need the monitor; drop --no-monitor.")
@@ -411,6 +411,34 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
                 str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
             )
     return options
+
+
+def _periodic_checkpoint(every: int, val_every: int) -> Callback:
+    """``last.ckpt`` every ``every`` steps and at the end of training; at a step that validates, after the
+    validation (so that a resumed run has the validation window of that step and does not validate twice)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class PeriodicCheckpoint(ModelCheckpoint):
+        deferred = False
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            if val_every and trainer.global_step % val_every == 0 and trainer.global_step % every == 0:
+                self.deferred = True
+                return
+            super().on_train_batch_end(trainer, pl_module, *args)
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            super().on_validation_end(trainer, pl_module)
+            if self.deferred and not trainer.sanity_checking:
+                self.deferred = False
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+        # Lightning refuses every_n_train_steps together with every_n_epochs, so the final save is done here.
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    return PeriodicCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=every)
 
 
 def _options_callback(args: argparse.Namespace) -> Callback:
@@ -505,9 +533,10 @@ def merge_resumed_options(args: argparse.Namespace, point: ResumePoint, given: s
     for name in sorted(given & set(point.options) - _CHANGEABLE_ON_RESUME):
         if current.get(name) != point.options[name]:
             flag = "--" + name.replace("_", "-")
+            started = "without it" if point.options[name] is None else f"with {flag} {point.options[name]}"
             raise ValueError(
-                f"{flag} {current.get(name)!r} differs from the run being resumed ({point.options[name]!r}); a "
-                f"resumed run keeps its options: drop {flag}, or start a new run without --resume."
+                f"{flag} {current.get(name)} differs from the run being resumed (started {started}); a resumed "
+                f"run keeps its options: drop {flag}, or start a new run without --resume."
             )
     merged = argparse.Namespace(**vars(args))
     for name, value in point.options.items():
@@ -616,7 +645,10 @@ def _csv_logger(save_dir: str, name: str, version: str | None, point: ResumePoin
                 for row in csv.DictReader(file)
                 if row.get("step") and int(float(row["step"])) <= point.step
             ]
-    writer = logger.experiment  # creating it deletes the old file; the kept rows go back with the next save
+    with warnings.catch_warnings():
+        # "Previous log files in this directory will be deleted": the rows up to the checkpoint are kept.
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
+        writer = logger.experiment  # creating it deletes the old file; the kept rows go back here
     writer.metrics.extend(kept)
     writer.save()
     return logger
@@ -651,7 +683,8 @@ def run_train(args: argparse.Namespace) -> int:
         validate = args.val_every > 0
         trainer = pl.Trainer(
             max_steps=settings["steps"],
-            max_epochs=1,
+            # One epoch is the run; a run resumed with a larger --steps goes on into a second one.
+            max_epochs=1 if point is None else -1,
             accelerator=args.accelerator,
             devices=args.devices,
             precision=_precision(args.accelerator),
@@ -687,7 +720,9 @@ def run_train(args: argparse.Namespace) -> int:
     data = CorpusDataModule(
         seq_len=config.seq_len,
         batch_size=settings["batch_size"],
-        seed=args.seed,
+        # Lightning restarts a non-resumable loader from its first batch: a resumed run draws fresh windows
+        # instead of repeating the ones trained on before the checkpoint.
+        seed=args.seed if point is None else args.seed + point.step,
         # Each of the world_size processes takes its share of one epoch; every one must see `steps` batches.
         train_samples=settings["steps"] * settings["batch_size"] * trainer.world_size,
     )
