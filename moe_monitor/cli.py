@@ -627,18 +627,15 @@ def _tensorboard_logger(**kwargs: Any) -> Logger:
 
 
 def _csv_logger(save_dir: str, name: str, version: str | None, point: ResumePoint | None) -> Logger:
-    """A CSV logger; when resuming, ``metrics.csv`` keeps the rows up to the checkpoint's step (Lightning's
-    CSV logger deletes the file of an existing run folder)."""
+    """A CSV logger; when resuming, ``metrics.csv`` keeps the rows up to the checkpoint's step."""
     import csv
 
     from lightning.pytorch.loggers import CSVLogger
 
     logger = _flush_on_checkpoint(CSVLogger)(save_dir=save_dir, name=name, version=version)
-    if point is None or point.run_dir is None:
-        return logger
     path = Path(logger.log_dir) / "metrics.csv"
     kept: list[dict[str, Any]] = []
-    if path.is_file():
+    if point is not None and point.run_dir is not None and path.is_file():
         with path.open(newline="") as file:
             kept = [
                 {key: value for key, value in row.items() if value != ""}
@@ -646,11 +643,13 @@ def _csv_logger(save_dir: str, name: str, version: str | None, point: ResumePoin
                 if row.get("step") and int(float(row["step"])) <= point.step
             ]
     with warnings.catch_warnings():
-        # "Previous log files in this directory will be deleted": the rows up to the checkpoint are kept.
+        # Lightning's writer deletes the metrics.csv of an existing folder, with a warning: the kept rows go back
+        # below. Made now, before another logger writes into the shared folder and makes it warn for nothing.
         warnings.filterwarnings("ignore", message="Experiment logs directory")
-        writer = logger.experiment  # creating it deletes the old file; the kept rows go back here
-    writer.metrics.extend(kept)
-    writer.save()
+        writer = logger.experiment
+    if kept:
+        writer.metrics.extend(kept)
+        writer.save()
     return logger
 
 
