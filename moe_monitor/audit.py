@@ -8,6 +8,19 @@ range-relative load entropy and MaxVio, the same dead-expert test), giving one v
 :func:`audit_saved` loads a saved model first (a Hugging Face ``save_pretrained`` folder, read locally, or a
 ``moe-monitor train`` checkpoint) and routes the bundled corpus or a text file through it; it is what
 ``moe-monitor audit MODEL_DIR`` runs.
+
+The package exports the function :func:`audit` under this module's own name, so ``moe_monitor.audit`` may be
+found as either (Python sets the package attribute to the module once it is imported); the module is callable
+and forwards to the function, so ``moe_monitor.audit(model, batches)`` works whichever it is.
+
+Example:
+    >>> import moe_monitor
+    >>> from moe_monitor.reference import MoEConfig, MoETransformer
+    >>> model = MoETransformer(MoEConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, seq_len=8,
+    ...                                  n_experts=4, top_k=2, d_expert=16))
+    >>> report = moe_monitor.audit(model, [torch.randint(0, 32, (4, 8)) for _ in range(3)])
+    >>> report.batches, report.layer_frame().tokens.tolist()
+    (3, [96, 96])
 """
 
 from __future__ import annotations
@@ -16,7 +29,9 @@ import copy
 import inspect
 import math
 import os
+import sys
 import tempfile
+import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -527,3 +542,13 @@ def _batches(
         for row, (tokens, n) in enumerate(chunk):
             input_ids_BS[row, :n], mask_BS[row, :n] = tokens, 1
         yield {"input_ids": input_ids_BS, "attention_mask": mask_BS}
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as its function :func:`audit` (see the module docstring)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> AuditReport:
+        return audit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

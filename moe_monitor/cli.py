@@ -260,6 +260,9 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the windows drawn from the text")
     parser.add_argument("-o", "--output", type=Path, default=None, help="also write the HTML report to this file")
+    parser.add_argument(
+        "--csv", type=Path, default=None, metavar="DIR", help="also write layers.csv, experts.csv and events.csv here"
+    )
     parser.set_defaults(func=run_audit)
     return parser
 
@@ -288,6 +291,8 @@ def run_audit(args: argparse.Namespace) -> int:
         print(f"moe-monitor audit: error: {error}", file=sys.stderr)
         return 2
     print(report)
+    if args.csv is not None:
+        print(f"Tables: {report.save(args.csv)}")
     if args.output is not None:
         print(f"Report: {report.to_html(args.output)}")
     return 0
@@ -368,7 +373,9 @@ def build_callbacks(args: argparse.Namespace) -> list[Callback]:
         checkpoint: Callback = _periodic_checkpoint(ckpt_every, args.val_every)
     else:
         checkpoint = ModelCheckpoint(save_last=True, save_top_k=0)
-    callbacks: list[Callback] = [checkpoint, LearningRateMonitor("step"), _options_callback(args)]
+    callbacks: list[Callback] = [checkpoint, _options_callback(args)]
+    if args.logger:  # Lightning refuses a LearningRateMonitor without a logger (--logger none)
+        callbacks.append(LearningRateMonitor("step"))
     if args.no_monitor:
         if control_names(args) or args.stop_on_collapse:
             raise ValueError("--control and --stop-on-collapse need the monitor; drop --no-monitor.")
