@@ -462,6 +462,17 @@ def _options_callback(args: argparse.Namespace) -> Callback:
         def state_key(self) -> str:
             return _OPTIONS_KEY
 
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            # Where each logger writes, so that a resumed run's loggers go on in the same places.
+            from lightning.pytorch.loggers import WandbLogger
+
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    self.options["wandb_id"] = logger.version
+                else:
+                    kind = "csv" if "CSV" in type(logger).__name__ else "tensorboard"
+                    self.options.setdefault("log_dirs", {})[kind] = str(logger.log_dir)
+
         def state_dict(self) -> dict[str, Any]:
             return dict(self.options)
 
@@ -478,7 +489,7 @@ class ResumePoint:
     options: dict[str, Any]
 
 
-def find_checkpoint(value: str, out: Path, name: str) -> Path:
+def find_checkpoint(value: str, out: Path, name: str, extra_roots: tuple[str, ...] = ()) -> Path:
     """The checkpoint file ``--resume VALUE`` names: a ``.ckpt`` file, a run folder holding
     ``checkpoints/last.ckpt``, or ``last`` for the newest ``last.ckpt`` of a run under ``out/name``.
 
@@ -487,7 +498,10 @@ def find_checkpoint(value: str, out: Path, name: str) -> Path:
     """
     if value == "last":
         root = out / name
-        found = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        # With W&B as the first logger, Lightning puts checkpoints under --out/<W&B project>/<run id>.
+        bases = (root, *(out / extra for extra in extra_roots))
+        candidates = [p for base in bases for p in base.glob("*/checkpoints/last.ckpt")]
+        found = sorted(candidates, key=lambda p: p.stat().st_mtime)
         if not found:
             raise ValueError(
                 f"--resume last found no checkpoint under {root} (looked for {root}/*/checkpoints/last.ckpt). "
@@ -515,7 +529,7 @@ def resume_point(args: argparse.Namespace) -> ResumePoint:
     """Reads the checkpoint of ``--resume``: its step, its run folder and the options the run was started with."""
     import torch
 
-    ckpt = find_checkpoint(args.resume, args.out, args.name)
+    ckpt = find_checkpoint(args.resume, args.out, args.name, (args.wandb_project,))
     try:
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -584,30 +598,40 @@ def build_loggers(args: argparse.Namespace, point: ResumePoint | None = None) ->
     for flag, value in (("--wandb-entity", args.wandb_entity), ("--run-name", args.run_name)):
         if value is not None and "wandb" not in args.logger:
             raise ValueError(f"{flag} names a W&B run; add --logger wandb (e.g. --logger tensorboard,wandb).")
-    save_dir, name, version = str(args.out), args.name, None
-    if point is not None and point.run_dir is not None:
-        save_dir, name, version = str(point.run_dir.parent.parent), point.run_dir.parent.name, point.run_dir.name
+    recorded = point.options.get("log_dirs", {}) if point is not None else {}
+    version = None
+    if point is not None and point.run_dir is not None and not recorded:
+        version = point.run_dir.name  # a checkpoint without recorded places: its run folder
+    # purge_step hides the TensorBoard events that the interrupted process wrote after its checkpoint.
+    resuming = point is not None and (point.run_dir is not None or bool(recorded))
     loggers: list[Logger] = []
     for kind in args.logger:
+        if kind in recorded:
+            log_dir = Path(recorded[kind])
+            save_dir, name, place = str(log_dir.parent.parent), log_dir.parent.name, log_dir.name
+        elif version is not None and point is not None and point.run_dir is not None:
+            save_dir, name, place = str(point.run_dir.parent.parent), point.run_dir.parent.name, version
+        else:
+            save_dir, name, place = str(args.out), args.name, version
         if kind == "tensorboard":
-            # purge_step hides the events that the interrupted process wrote after its checkpoint.
-            purge = {"purge_step": point.step + 1} if point is not None and point.run_dir is not None else {}
+            purge = {"purge_step": point.step + 1} if resuming and point is not None else {}
             logger: Logger = _tensorboard_logger(
-                save_dir=save_dir, name=name, version=version, default_hp_metric=False, **purge
+                save_dir=save_dir, name=name, version=place, default_hp_metric=False, **purge
             )
         elif kind == "csv":
-            logger = _csv_logger(save_dir, name, version, point)
+            logger = _csv_logger(save_dir, name, place, point if resuming else None)
         else:
             args.out.mkdir(parents=True, exist_ok=True)
+            wandb_id = point.options.get("wandb_id") if point is not None else None
             logger = WandbLogger(
                 save_dir=str(args.out),
                 project=args.wandb_project,
                 entity=args.wandb_entity,
                 name=args.run_name or args.name,
-                **({"id": version, "resume": "allow"} if version is not None else {}),
+                **({"id": wandb_id, "resume": "allow"} if wandb_id else {}),
             )
         loggers.append(logger)
-        if version is None and isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        if version is None and not recorded and isinstance(logger, (TensorBoardLogger, CSVLogger)):
             # The first file logger picks the next free version_N; the others write into the same folder.
             version = f"version_{logger.version}" if isinstance(logger.version, int) else logger.version
     return loggers
@@ -642,7 +666,7 @@ def _csv_logger(save_dir: str, name: str, version: str | None, point: ResumePoin
     logger = _flush_on_checkpoint(CSVLogger)(save_dir=save_dir, name=name, version=version)
     path = Path(logger.log_dir) / "metrics.csv"
     kept: list[dict[str, Any]] = []
-    if point is not None and point.run_dir is not None and path.is_file():
+    if point is not None and path.is_file():
         with path.open(newline="") as file:
             kept = [
                 {key: value for key, value in row.items() if value != ""}

@@ -68,6 +68,34 @@ def test_saved_mixtral_audited_through_the_cli_counts_what_the_model_routes(tmp_
     assert "model.layers.0.mlp.gate" in (tmp_path / "audit.html").read_text()
 
 
+def test_a_tokenizer_saved_with_the_model_tokenizes_the_text(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    words = "the quick brown fox jumps over lazy dog".split()
+    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(words)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    model_dir = tmp_path / "mixtral"
+    _mixtral(4).save_pretrained(model_dir)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "words.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog and the cat " * 8)  # 96 words
+    argv = ["audit", str(model_dir), "--data", str(text), "--max-batches", "2", "--batch-size", "2", "--seq-len", "8"]
+    assert cli.main([*argv, "--csv", str(tmp_path / "tables")]) == 0
+    assert f"tokenized with the tokenizer saved in {model_dir}" in capsys.readouterr().out
+
+    ids = torch.tensor(tokenizer(text.read_text())["input_ids"])
+    assert ids.numel() == 96 and int(ids.max()) == len(words)  # one id per word, "and" / "cat" unknown
+    reference = transformers.MixtralForCausalLM.from_pretrained(model_dir).eval()
+    expected = [0] * 4
+    for batch in _batches([ids], 8, 2, 2, seed=0):
+        with torch.no_grad():
+            logits_TE = reference(batch["input_ids"], output_router_logits=True).router_logits[1]
+        expected = [a + b for a, b in zip(expected, _topk_counts(logits_TE, 2, batch["attention_mask"].flatten()))]
+    experts = pd.read_csv(tmp_path / "tables" / "experts.csv")
+    assert experts[experts.layer_index == 1].sort_values("expert")["count"].tolist() == expected
+
+
 def test_padding_is_left_out_and_the_model_is_left_as_it_was():
     model = _mixtral(1)
     model.train()
