@@ -759,9 +759,22 @@ def run_train(args: argparse.Namespace) -> int:
     if point is not None and trainer.global_rank == 0:
         print(f"Resuming {point.ckpt} at step {point.step} of {settings['steps']}.")
     start = time.perf_counter()
-    trainer.fit(lm, datamodule=data, ckpt_path=None if point is None else str(point.ckpt))
+    try:
+        trainer.fit(lm, datamodule=data, ckpt_path=None if point is None else str(point.ckpt))
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
     elapsed = time.perf_counter() - start
     _end_process_group()
+    if trainer.interrupted:  # Ctrl-C: Lightning shuts down and exits with status 1
+        ckpt = Path(trainer.log_dir or args.out) / "checkpoints" / "last.ckpt"
+        saved = f"the last checkpoint, {ckpt}, is" if ckpt.is_file() else "no checkpoint was"
+        print(
+            f"\nInterrupted at step {trainer.global_step}; {saved} written (every --ckpt-every steps). Go on with:  "
+            f"moe-monitor train --resume {ckpt.parent.parent}",
+            file=sys.stderr,
+        )
+        return 130
     if trainer.global_rank == 0:
         _print_summary(trainer, loggers, args, elapsed)
     return 0

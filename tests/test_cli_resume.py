@@ -38,28 +38,34 @@ def _checkpoint_step(path: Path) -> int | None:
         return None
 
 
-def _kill_at_checkpoint(tmp_path: Path, out: Path, step: int) -> int:
-    """Starts the CLI in a subprocess and SIGKILLs it as soon as its last.ckpt has reached ``step``."""
+def _start(tmp_path: Path, extra: list[str], out: Path) -> subprocess.Popen:
+    """The CLI in a subprocess, with the shrunk preset."""
     script = tmp_path / "moe_monitor_cli.py"
     script.write_text(
         "import sys\nfrom moe_monitor.reference import config\n"
         f"config.PRESETS['tiny'] = {SHRINK}\n"
         "from moe_monitor import cli\nsys.exit(cli.main(sys.argv[1:]))\n"
     )
-    process = subprocess.Popen(
-        [sys.executable, str(script), "train", *TRAIN, "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    ckpt = out / "moe" / "version_0" / "checkpoints" / "last.ckpt"
+    argv = [sys.executable, str(script), "train", *TRAIN, *extra, "--out", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_step(process: subprocess.Popen, ckpt: Path, step: int) -> int | None:
+    """Polls ``ckpt`` until it holds ``step`` or later (or the process ends, or 4 minutes pass)."""
     deadline = time.monotonic() + 240
-    reached = None
+    while time.monotonic() < deadline and process.poll() is None:
+        reached = _checkpoint_step(ckpt) if ckpt.exists() else None
+        if reached is not None and reached >= step:
+            return reached
+        time.sleep(0.02)
+    return None
+
+
+def _kill_at_checkpoint(tmp_path: Path, out: Path, step: int) -> int:
+    """Starts the CLI in a subprocess and SIGKILLs it as soon as its last.ckpt has reached ``step``."""
+    process = _start(tmp_path, [], out)
     try:
-        while time.monotonic() < deadline and process.poll() is None:
-            reached = _checkpoint_step(ckpt) if ckpt.exists() else None
-            if reached is not None and reached >= step:
-                break
-            time.sleep(0.02)
+        reached = _wait_for_step(process, out / "moe" / "version_0" / "checkpoints" / "last.ckpt", step)
     finally:
         process.send_signal(signal.SIGKILL)
         _, stderr = process.communicate(timeout=60)
@@ -108,6 +114,20 @@ def test_sigkill_then_resume_last_continues_the_same_run_without_gaps_or_duplica
     assert metrics.dropna(subset=["train/loss"]).step.tolist() == list(range(9, 200, 10))
     assert metrics.dropna(subset=["moe/train/load_entropy/L01"]).step.tolist() == list(range(10, 201, 10))
     assert metrics.dropna(subset=["val/loss"]).step.tolist() == [49, 99, 149, 199]
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "runs"
+    process = _start(tmp_path, ["--steps", "5000", "--ckpt-every", "10"], out)
+    ckpt = out / "moe" / "version_0" / "checkpoints" / "last.ckpt"
+    try:
+        _wait_for_step(process, ckpt, 10)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr.decode()[-3000:]
+    assert f"moe-monitor train --resume {out / 'moe' / 'version_0'}" in stderr.decode()
 
 
 @pytest.fixture
