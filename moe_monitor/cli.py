@@ -500,7 +500,8 @@ def find_checkpoint(value: str, out: Path, name: str, extra_roots: tuple[str, ..
         root = out / name
         # With W&B as the first logger, Lightning puts checkpoints under --out/<W&B project>/<run id>.
         bases = (root, *(out / extra for extra in extra_roots))
-        candidates = [p for base in bases for p in base.glob("*/checkpoints/last.ckpt")]
+        patterns = ("*/checkpoints/last.ckpt", "checkpoints/last.ckpt")  # the second: a run with --logger none
+        candidates = [p for base in bases for pattern in patterns for p in base.glob(pattern)]
         found = sorted(candidates, key=lambda p: p.stat().st_mtime)
         if not found:
             raise ValueError(

@@ -174,6 +174,17 @@ def test_resume_refuses_a_changed_model_option_and_a_finished_run(finished_run, 
     assert layers[layers.layer_index == 0].step.tolist() == [2, 4, 6]
 
 
+@pytest.mark.slow
+def test_resume_last_of_a_run_without_logger(tiny_preset, tmp_path):
+    argv = ["train", "--batch-size", "2", "--threads", "1", "--log-every", "2", "--val-every", "0", "--logger", "none"]
+    assert cli.main([*argv, "--steps", "4", "--out", str(tmp_path)]) == 0
+    assert cli.main(["train", "--resume", "last", "--steps", "6", "--out", str(tmp_path)]) == 0
+    assert _checkpoint_step(tmp_path / "moe" / "checkpoints" / "last.ckpt") == 6
+    (history,) = (tmp_path / "moe").rglob("layers.csv")  # wherever the callback puts a logger-less run's files
+    layers = pd.read_csv(history)
+    assert layers[layers.layer_index == 0].step.tolist() == [2, 4, 6]
+
+
 def test_explicit_options_are_those_written_on_the_command_line():
     given = cli.explicit_options(["train", "--steps", "5", "--logger", "csv", "--capacity-factor", "none"])
     assert given == {"steps", "logger", "capacity_factor"}
