@@ -97,7 +97,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not for unset options that fall back to the preset)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, "", ()) or action.default is argparse.SUPPRESS:
+        # Identity, not equality: a default of 0 is worth showing (0 == False).
+        if any(action.default is blank for blank in (None, False, argparse.SUPPRESS)) or action.default in ("", ()):
             return action.help
         return super()._get_help_string(action)
 

@@ -80,16 +80,18 @@ def test_sigkill_then_resume_last_continues_the_same_run_without_gaps_or_duplica
 
     out = tmp_path / "runs"
     killed_at = _kill_at_checkpoint(tmp_path, out, 100)
-    assert killed_at == 100  # checkpoints every 50 steps; killed within a few steps of the one at 100
+    # Checkpoints every 50 steps; killed within a few steps of the one at 100 (150 on a machine that stalled the test).
+    assert killed_at in (100, 150)
     run_dir = out / "moe" / "version_0"
     before = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     before.Reload()
     logged_before = {e.step: e.value for e in before.Scalars("moe/train/load_entropy/L01")}
-    assert set(range(10, 101, 10)) <= set(logged_before)  # flushed at the checkpoint, not lost with the process
+    # Flushed at the checkpoint, not lost with the process.
+    assert set(range(10, killed_at + 1, 10)) <= set(logged_before)
 
     # The same command line with --resume; nothing else is needed, but repeating options is allowed.
     assert cli.main(["train", "--resume", "last", "--out", str(out), "--steps", "200"]) == 0
-    assert f"Resuming {run_dir / 'checkpoints' / 'last.ckpt'} at step 100 of 200" in capsys.readouterr().out
+    assert f"Resuming {run_dir / 'checkpoints' / 'last.ckpt'} at step {killed_at} of 200" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "moe").iterdir()) == ["version_0"]  # the same folder, no version_1
     assert _checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 200
 
@@ -101,7 +103,7 @@ def test_sigkill_then_resume_last_continues_the_same_run_without_gaps_or_duplica
     assert (train.tokens == 10 * 2 * 16).all()  # whole windows after the resume: checkpoints on window boundaries
     assert layers[(layers.phase == "val") & (layers.layer_index == 1)].step.tolist() == [50, 100, 150, 200]
     # The restored history holds what the killed process logged (the same windows, not recomputed ones).
-    early = train[train.step <= 100]
+    early = train[train.step <= killed_at]
     assert early.load_entropy.tolist() == pytest.approx([logged_before[s] for s in early.step], rel=1e-6)
 
     after = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})

@@ -103,6 +103,7 @@ def test_help_shows_the_real_defaults_per_preset():
         assert numbers in text, flag
     assert "tiny 1000, small 2000, base 10000" in text and "tiny 0.003, small 0.001, base 0.0006" in text
     assert "(default: none)" in text and "(default: tensorboard)" in text
+    assert "training windows (default: 0)" in text  # a zero default is shown, not taken for "unset"
 
 
 def test_version_prints_the_package_version(capsys):
