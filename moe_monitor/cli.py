@@ -701,7 +701,7 @@ def run_train(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from moe_monitor.reference import CorpusDataModule, ReferenceLM
+    from moe_monitor.reference import ReferenceLM
 
     # Only set-up mistakes become a short message; an error raised while training keeps its traceback.
     point = None
@@ -749,20 +749,22 @@ def run_train(args: argparse.Namespace) -> int:
     lm = ReferenceLM(config, **{name: settings[name] for name in ("lr", "warmup_steps")}, max_steps=settings["steps"])
     if args.scenario and point is None:
         scenario_of(args).prepare(lm)  # a resumed model's weights already carry the scenario
-    data = CorpusDataModule(
-        seq_len=config.seq_len,
-        batch_size=settings["batch_size"],
-        # Lightning restarts a non-resumable loader from its first batch: a resumed run draws fresh windows
-        # instead of repeating the ones trained on before the checkpoint.
-        seed=args.seed if point is None else args.seed + point.step,
+    data = _corpus_data(
+        config.seq_len,
+        settings["batch_size"],
+        args.seed,
         # Each of the world_size processes takes its share of one epoch; every one must see `steps` batches.
-        train_samples=settings["steps"] * settings["batch_size"] * trainer.world_size,
+        settings["steps"] * settings["batch_size"] * trainer.world_size,
+        0 if point is None else point.step * settings["batch_size"] * trainer.world_size,
     )
     if point is not None and trainer.global_rank == 0:
         print(f"Resuming {point.ckpt} at step {point.step} of {settings['steps']}.")
     start = time.perf_counter()
     try:
-        trainer.fit(lm, datamodule=data, ckpt_path=None if point is None else str(point.ckpt))
+        with warnings.catch_warnings():
+            # "your dataloader is not resumable": _corpus_data starts the resumed run past the samples seen.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            trainer.fit(lm, datamodule=data, ckpt_path=None if point is None else str(point.ckpt))
     except SystemExit:
         if not trainer.interrupted:
             raise
@@ -780,6 +782,26 @@ def run_train(args: argparse.Namespace) -> int:
     if trainer.global_rank == 0:
         _print_summary(trainer, loggers, args, elapsed)
     return 0
+
+
+def _corpus_data(seq_len: int, batch_size: int, seed: int, samples: int, done: int) -> Any:
+    """The bundled corpus of a ``train`` run; a resumed run starts after the ``done`` samples it trained on.
+
+    Lightning restarts a loader without a ``state_dict`` from its first batch; starting the training set past the
+    samples already seen gives the resumed run the batches the uninterrupted one would have had (the loop then
+    closes the restored epoch at once and goes on in the next, which holds the rest).
+    """
+    from torch.utils.data import Subset
+
+    from moe_monitor.reference import CorpusDataModule
+
+    class ResumedCorpus(CorpusDataModule):
+        def setup(self, stage: str | None = None) -> None:
+            super().setup(stage)
+            if done and not isinstance(self.train_set, Subset):
+                self.train_set = Subset(self.train_set, range(min(done, len(self.train_set)), len(self.train_set)))
+
+    return ResumedCorpus(seq_len=seq_len, batch_size=batch_size, seed=seed, train_samples=samples)
 
 
 def _end_process_group() -> None:

@@ -1,5 +1,6 @@
 """``moe-monitor train`` killed with SIGKILL mid-run and resumed with ``--resume``: the run goes on in the same folder,
-and its history, CSV metrics and TensorBoard scalars have every window exactly once."""
+its history, CSV metrics and TensorBoard scalars have every window exactly once, and it trains on the batches the
+uninterrupted run trains on."""
 
 from __future__ import annotations
 
@@ -116,6 +117,15 @@ def test_sigkill_then_resume_last_continues_the_same_run_without_gaps_or_duplica
     assert metrics.dropna(subset=["train/loss"]).step.tolist() == list(range(9, 200, 10))
     assert metrics.dropna(subset=["moe/train/load_entropy/L01"]).step.tolist() == list(range(10, 201, 10))
     assert metrics.dropna(subset=["val/loss"]).step.tolist() == [49, 99, 149, 199]
+
+    # The same run never interrupted: the resumed one trained on the same batches from the same state.
+    assert cli.main(["train", *TRAIN, "--out", str(tmp_path / "whole")]) == 0
+    whole = pd.read_csv(tmp_path / "whole" / "moe" / "version_0" / "metrics.csv")
+    loss = metrics.dropna(subset=["train/loss"])["train/loss"].tolist()
+    assert loss == pytest.approx(whole.dropna(subset=["train/loss"])["train/loss"].tolist(), rel=1e-6, abs=1e-7)
+    whole_layers = pd.read_csv(tmp_path / "whole" / "moe" / "version_0" / "moe_monitor" / "layers.csv")
+    assert layers.assignments.tolist() == whole_layers.assignments.tolist()
+    assert layers.load_entropy.tolist() == pytest.approx(whole_layers.load_entropy.tolist(), rel=1e-6)
 
 
 @pytest.mark.slow
