@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-import moe_monitor
+from moe_monitor.audit import audit
 
 
 def main(argv: list[str] | None = None):
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None):
     # Any model object and batches of token ids (with an attention_mask, padding is left out).
     model = MixtralForCausalLM.from_pretrained(args.out / "model")
     batches = [{"input_ids": torch.randint(0, 256, (4, 32)), "attention_mask": torch.ones(4, 32)} for _ in range(4)]
-    report = moe_monitor.audit(model, batches, max_batches=4)
+    report = audit(model, batches, max_batches=4)
     print(report)
     print(report.layer_frame()[["layer", "load_entropy", "max_violation", "counterfactual_drop@1.0", "verdict"]])
     print("HTML report:", report.to_html(args.out / "audit.html"))
