@@ -295,7 +295,7 @@ def run_audit(args: argparse.Namespace) -> int:
     if args.csv is not None:
         print(f"Tables: {report.save(args.csv)}")
     if args.output is not None:
-        print(f"Report: {report.to_html(args.output)}")
+        print(f"Report: {report.to_html(args.output, name=f'audit of {args.model_dir.resolve().name}')}")
     return 0
 
 
