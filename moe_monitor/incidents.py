@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_monitor.detect import SEVERITIES, CollapseEvent
+from moe_monitor.detect import SEVERITIES, CollapseDetector, CollapseEvent, achievable_range
 from moe_monitor.sinks.scalars import layer_labels
 from moe_monitor.snapshot import Snapshot
 
@@ -289,4 +289,28 @@ def progress_status(
         finite = [v for v in snapshot.stats["load_entropy"].tolist() if math.isfinite(v)]
         if finite:
             out["moe_entropy"] = round(min(finite), 3)
+    return out
+
+
+def alert_thresholds(detector: CollapseDetector, num_experts: int, top_k: int) -> dict[str, float]:
+    """The detector's alert thresholds in each statistic's own units, for a layer routing top-``k`` of ``E``.
+
+    Load entropy and MaxVio thresholds are fractions of the achievable range (see
+    :func:`~moe_monitor.detect.achievable_range`); this turns them into the values a chart can draw next to the
+    statistic. Rules switched off (``None``) are left out; ``top1_confidence`` is the saturation rule's bound.
+
+    Example:
+        >>> {k: round(v, 3) for k, v in alert_thresholds(CollapseDetector(), 8, 2).items()}
+        {'load_entropy': 0.6, 'max_violation': 2.4, 'dropped_fraction': 0.1, 'top1_confidence': 0.9}
+    """
+    floor, ceiling = achievable_range(num_experts, top_k)
+    out = {}
+    if detector.min_load_entropy is not None and floor < 1:
+        out["load_entropy"] = floor + detector.min_load_entropy * (1 - floor)
+    if detector.max_violation is not None and ceiling > 0:
+        out["max_violation"] = detector.max_violation * ceiling
+    if detector.max_dropped_fraction is not None:
+        out["dropped_fraction"] = float(detector.max_dropped_fraction)
+    if detector.saturation_confidence is not None:
+        out["top1_confidence"] = float(detector.saturation_confidence)
     return out

@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 from moe_monitor.detect import CollapseDetector, CollapseEvent, achievable_range
-from moe_monitor.incidents import IncidentTracker
+from moe_monitor.incidents import IncidentTracker, alert_thresholds
 from moe_monitor.sinks.scalars import layer_labels
 
 # Statistic charts: (column, title, what a healthy value looks like, fixed y range or None, detector rule).
@@ -503,20 +503,11 @@ def _thresholds(run: RunData, rule: str | None) -> list[tuple[str, float]]:
                    and math.isfinite(e.threshold)})
     if seen:
         return [(f"alert threshold {v:.3g}", v) for v in seen[:3]]
-    default = CollapseDetector()
+    stat = "top1_confidence" if rule == "saturation" else rule
     train = run.train
     shapes = {(int(e), int(k)) for e, k in zip(train["num_experts"], train["top_k"])} if "top_k" in train else set()
-    values = set()
-    for num_experts, top_k in shapes:
-        floor, ceiling = achievable_range(num_experts, top_k)
-        if rule == "load_entropy" and default.min_load_entropy is not None:
-            values.add(floor + default.min_load_entropy * (1 - floor))
-        elif rule == "max_violation" and default.max_violation is not None:
-            values.add(default.max_violation * ceiling)
-    if rule == "dropped_fraction" and default.max_dropped_fraction is not None:
-        values.add(default.max_dropped_fraction)
-    if rule == "saturation" and default.saturation_confidence is not None:
-        values.add(default.saturation_confidence)
+    detector = CollapseDetector()
+    values = {alert_thresholds(detector, e, k).get(stat) for e, k in shapes} - {None}
     return [(f"default alert threshold {v:.3g}", v) for v in sorted(values)[:3]]
 
 
