@@ -713,7 +713,7 @@ def _last_window_section(run: RunData) -> str:
     columns = [c for c in ("label", "layer", "tokens", "dropped_fraction", "load_entropy", "max_violation", "cv",
                            "gini", "dead_experts", "aux_loss", "z_loss", "router_entropy", "top1_confidence")
                if c in last.columns]
-    return f"<p>step {last_step}</p>{_table(last[columns])}"
+    return _table(last[columns])
 
 
 def _config_section(run: RunData) -> str:
@@ -741,7 +741,7 @@ def _run_sections(run: RunData, heading: int = 2) -> str:
             f"<{h}>Expert load over time, worst layers</{h}>{_expert_section(run)}",
             f"<{h}>Co-activation</{h}>{_coactivation_section(run)}",
             f"<{h}>Expert use per domain</{h}>{_domain_section(run)}",
-            f"<{h}>Last training window</{h}>{_last_window_section(run)}"]
+            f"<{h}>Last window (step {int(run.train['step'].max())})</{h}>{_last_window_section(run)}"]
     return "".join(out)
 
 

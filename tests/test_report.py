@@ -89,7 +89,7 @@ def test_verdict_and_sections_of_a_collapse_run(runs) -> None:
     assert "<title>MoE routing report: biased/moe_monitor</title>" not in text  # named after the run folder
     for section in ("Run", "Loss", "Incidents", "Statistics: train windows", "Controller knobs over time",
                     "Expert load over time, worst layers", "Co-activation", "Expert use per domain",
-                    "Last training window"):
+                    "Last window (step 200)"):
         assert f"<h2>{section}</h2>" in text, section
     assert "Expert-bias range (max - min)" in text  # the bias controller's knob over time
 
@@ -182,7 +182,7 @@ def test_per_domain_validation_phases_show_which_experts_serve_each_domain(tmp_p
     monitor.save(tmp_path / "moe_monitor")
     experts = monitor.expert_frame()
     text = render_report(tmp_path)
-    section = text[text.index("<h2>Expert use per domain</h2>") : text.index("<h2>Last training window</h2>")]
+    section = text[text.index("<h2>Expert use per domain</h2>") : text.index("<h2>Last window (step 10)</h2>")]
     for name in DOMAINS:
         loads = experts[(experts.phase == f"val/{name}") & (experts.layer == "blocks.0.moe.router")]
         busy = [str(e) for e, load in zip(loads.expert, loads.load) if load > 1.5 / 8]
