@@ -44,7 +44,7 @@ LAYER_RUNS = "layers"
 
 # Chart titles of the CUSTOM SCALARS tab, most telling first: how to read each line at a glance.
 CHART_TITLES: dict[str, str] = {
-    "load_entropy": "load_entropy (1 = balanced, 0 = one expert; dashed: alert threshold)",
+    "load_entropy": "load_entropy (1 = balanced, 0 = one expert; flat line: alert threshold)",
     "max_violation": "max_violation (busiest expert / mean - 1)",
     "dead_experts": "dead_experts (unused in the window)",
     "top1_confidence": "top1_confidence (mean top-1 router probability)",
