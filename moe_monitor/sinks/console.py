@@ -89,7 +89,8 @@ AuxLossController()]).'
                 tips.append(f"{prefix}try --control {','.join(proposed)}{rest}")
             else:
                 classes = ", ".join(f"{cls}()" for key, cls in _CONTROLLERS if key in proposed)
-                tips.append(f"{prefix}try {owner}(controllers=[{classes}])")
+                needs = " (it needs a router selection bias: MoEConfig(expert_bias=True))" * (missing[0] == "bias")
+                tips.append(f"{prefix}try {owner}(controllers=[{classes}]){needs}")
         else:
             lr = "a lower --lr" if interface == "cli" else "a lower learning rate"
             tips.append(f"{prefix}try {lr}")
