@@ -133,7 +133,12 @@ class Incident:
 
 @dataclass
 class KnobChange:
-    """One controller knob turned: ``rule`` is the knob (``aux_loss_coef``, ``router_noise``, ``expert_bias``)."""
+    """One controller knob turned: ``rule`` is the knob (``aux_loss_coef``, ``router_noise``, ``expert_bias``).
+
+    Example:
+        >>> KnobChange(40, "blocks.0.moe.router", "L00", "aux_loss_coef", 0.01, 0.02).new
+        0.02
+    """
 
     step: int
     layer: str
@@ -145,7 +150,13 @@ class KnobChange:
 
 @dataclass
 class WindowUpdate:
-    """What one window changed: incidents opened, grown (new rules), turned critical, ended, and knobs turned."""
+    """What one window changed: incidents opened, grown (new rules), turned critical, ended, and knobs turned.
+
+    Example:
+        >>> update = IncidentTracker().update([CollapseEvent(5, "train", "r", "dead_experts", 2, 0, "warning", "")])
+        >>> [(i.label, i.rules) for i in update.opened], update.closed
+        ([('r', ['dead_experts'])], [])
+    """
 
     step: int
     phase: str

@@ -209,7 +209,14 @@ def _loss_series(history: Path) -> dict[str, tuple[list[float], list[float]]]:
 
 @dataclass
 class RunData:
-    """Everything the report reads about one run."""
+    """Everything the report reads about one run.
+
+    Example:
+        >>> layers = pd.DataFrame({"layer": ["b.router", "a.router"], "layer_index": [1, 0], "phase": "train",
+        ...                        "step": 10})
+        >>> RunData("run", Path("."), layers, None, []).labels
+        {'a.router': 'L00', 'b.router': 'L01'}
+    """
 
     name: str
     history: Path
@@ -257,7 +264,20 @@ def _events(frame: pd.DataFrame | None) -> list[CollapseEvent]:
 
 
 def read_run(run_dir: str | Path) -> RunData:
-    """Reads one run's history, configuration and loss curve (see the module doc for the folders accepted)."""
+    """Reads one run's history, configuration and loss curve (see the module doc for the folders accepted).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "moe_monitor").mkdir()
+        >>> pd.DataFrame({"step": [10, 20], "phase": "train", "layer": "r", "num_experts": 4, "top_k": 1,
+        ...               "load_entropy": [0.9, 0.95]}).to_csv(root / "moe_monitor" / "layers.csv", index=False)
+        >>> run = read_run(root)
+        >>> run.labels, len(run.events), run.loss
+        ({'r': 'L00'}, 0, {})
+        >>> verdict(run)
+        ('Healthy: no alert in 2 training windows up to step 20; lowest load entropy 0.90 (L00, step 10).', 'ok')
+    """
     history = find_history(run_dir)
     layers = _read_frame(history, "layers")
     if layers is None or layers.empty or "layer" not in layers.columns:
@@ -282,6 +302,12 @@ def verdict(run: RunData) -> tuple[str, str]:
     Collapse (load entropy, MaxVio, dead experts, saturation) is told first: when it started, in how many
     layers, and whether and by when every layer recovered; other alerts (capacity overflow, z-loss, non-finite
     logits) follow.
+
+    Example:
+        >>> layers = pd.DataFrame({"layer": ["r", "r"], "phase": "train", "step": [10, 20], "load_entropy": 0.2})
+        >>> alert = CollapseEvent(10, "train", "r", "load_entropy", 0.2, 0.6, "critical", "")
+        >>> verdict(RunData("run", Path("."), layers, None, [alert]))
+        ('Collapsed at step 10 in 1 of 1 layers (L00); still collapsed at the end (step 20) in L00.', 'bad')
     """
     train = run.train
     n_layers = train["layer"].nunique()
