@@ -43,7 +43,7 @@ def test_default_train_logs_routing_to_tensorboard_and_report_renders_it(tiny_pr
     assert [e.value for e in logged] == pytest.approx(train.load_entropy.tolist(), rel=1e-6)
     # 2 optimizer steps x 2 sequences x 16 tokens per window.
     assert (train.tokens == 2 * 2 * 16).all()
-    assert "moe/train/expert_load/L00" in accumulator.Tags()["histograms"]
+    assert "moe/train/expert_load/L00" in accumulator.Tags()["tensors"]  # histogram-plugin tensors
 
     assert cli.main(["report", str(run_dir)]) == 0
     html = (run_dir / "moe_report.html").read_text()
