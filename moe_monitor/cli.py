@@ -222,15 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds the ``report`` subcommand: a self-contained HTML page of a finished run."""
+    """Adds the ``report`` subcommand: a self-contained HTML page of one finished run, or several side by side."""
     parser = subparsers.add_parser(
         "report",
-        help="write a self-contained HTML report of a finished run",
+        help="write a self-contained HTML report of finished runs",
         description="Write a self-contained HTML report (inline SVG charts, no JavaScript) of the routing history "
-        "that MoEMonitor saved under RUN_DIR (e.g. runs/moe/version_0).",
+        "that MoEMonitor saved under RUN_DIR (e.g. runs/moe/version_0, a W&B run folder, or any folder above the "
+        "history files). Several RUN_DIRs give one page that compares the runs side by side.",
     )
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output directory of a training run")
-    parser.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: RUN_DIR/moe_report.html)")
+    parser.add_argument(
+        "run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="output directory of a training run (one or more)"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="HTML file (default: RUN_DIR/moe_report.html, or FIRST_RUN_DIR/moe_compare.html for several runs)",
+    )
     parser.set_defaults(func=run_report)
     return parser
 
@@ -304,7 +313,7 @@ def run_report(args: argparse.Namespace) -> int:
     from moe_monitor.report import RunFilesNotFoundError, write_report
 
     try:
-        path = write_report(args.run_dir, args.output)
+        path = write_report(args.run_dirs, args.output)
     except RunFilesNotFoundError as error:
         print(f"moe-monitor report: error: {error}", file=sys.stderr)
         return 2

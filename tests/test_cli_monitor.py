@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 import torch
@@ -49,6 +51,14 @@ def test_default_train_logs_routing_to_tensorboard_and_report_renders_it(tiny_pr
     html = (run_dir / "moe_report.html").read_text()
     assert "Last window (step 6)" in html and "blocks.1.moe.router" in html
     assert str(run_dir / "moe_report.html") in capsys.readouterr().out
+
+    # Two runs side by side: a second folder holding the same history, compared on one page.
+    other = tmp_path / "other_run"
+    shutil.copytree(run_dir / "moe_monitor", other / "moe_monitor")
+    compare = tmp_path / "compare.html"
+    assert cli.main(["report", str(run_dir), str(other), "-o", str(compare)]) == 0
+    text = compare.read_text()
+    assert "version_0" in text and "other_run" in text
 
 
 @pytest.mark.slow
