@@ -16,7 +16,7 @@ def _callbacks() -> tuple[MoEMonitor, MoEMonitor]:
     # Thresholds no real router meets: every window alerts and the controller doubles the coefficient.
     detector = CollapseDetector(min_load_entropy=0.9999, patience=1)
     watching = MoEMonitor(log_every_n_steps=2, detector=detector, controllers=[AuxLossController(max_coef=1.0)])
-    second = MoEMonitor(log_every_n_steps=3, detector=None)
+    second = MoEMonitor(log_every_n_steps=3, detector=None, name="slow")
     return watching, second
 
 
