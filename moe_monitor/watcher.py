@@ -237,8 +237,10 @@ class Watcher:
         self.on_alert = on_alert
         self.stop_on_collapse = stop_on_collapse
         self._is_global_zero = is_global_zero
-        self.sinks, self._dirs = make_sinks(sinks, log_histograms, log_heatmaps)
-        self._files = [_HistoryFiles(path if name is None else os.path.join(path, name)) for path in self._dirs]
+        self._views = (log_histograms, log_heatmaps)
+        self.sinks: list[Sink] = []
+        self._files: list[_HistoryFiles] = []
+        self.add_sinks(sinks)
 
         self.events: list[CollapseEvent] = []
         self.should_stop = False
@@ -398,6 +400,15 @@ class Watcher:
             metrics = self._safely("compute scalars", scalar_metrics, self._published(snapshot), self.log_expert_loads)
             self._publish(snapshot, metrics or {}, [])
         return snapshot
+
+    def add_sinks(self, targets: Iterable[Any]) -> None:
+        """Sends the windows closed from now on also to ``targets`` (the kinds ``sinks=`` takes).
+
+        For dashboards that exist only after the watcher, e.g. a trainer's SummaryWriter opened at training start.
+        """
+        sinks, directories = make_sinks(targets, *self._views)
+        self.sinks += sinks
+        self._files += [_HistoryFiles(d if self.name is None else os.path.join(d, self.name)) for d in directories]
 
     # --------------------------------------------------------------------------------------------- inputs
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
