@@ -244,7 +244,7 @@ class Watcher:
 
         self.events: list[CollapseEvent] = []
         self.should_stop = False
-        self._seen_step: int | None = None
+        self._seen_step = 0  # the last optimizer step seen: `step(0)` before any step is no step
         self._window_steps = 0
         self._pending_eval: dict[str, int] = {}
         self._pending_controller_state: dict[str, Any] = {}
@@ -304,7 +304,7 @@ class Watcher:
         Every process must call it (a collective when distributed). Returns the partial window's events.
         """
         events: list[CollapseEvent] = []
-        if self._window_steps > 0 and self._seen_step is not None:
+        if self._window_steps > 0:
             events = self._train_window(self._seen_step)
         self._close_pending_eval()
         return events
@@ -375,7 +375,7 @@ class Watcher:
         Returns:
             The closed window's snapshot, or ``None`` when it waits or could not be closed.
         """
-        step = int(self._seen_step or 0) if step is None else int(step)
+        step = self._seen_step if step is None else int(step)
         if not now and phase in DEFERRABLE_PHASES and _distributed():
             self._pending_eval[phase] = step
             return None

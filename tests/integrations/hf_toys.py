@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -50,6 +51,12 @@ class PaddedTokens(torch.utils.data.Dataset):
 
     def real_tokens(self) -> int:
         return sum(self.real_length(i) for i in range(self.n))
+
+
+def stacked(dataset: PaddedTokens, indices: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
+    """Samples ``indices`` (default: all) of ``dataset`` as one batch."""
+    samples = [dataset[i] for i in (range(len(dataset)) if indices is None else indices)]
+    return {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
 
 
 def expert_counts(model: Any, dataset: PaddedTokens, top_k: int = 2) -> torch.Tensor:
