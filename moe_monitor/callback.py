@@ -32,12 +32,14 @@ _SANITY_PHASE = "sanity_check"
 class MoEMonitor(Callback):
     r"""Monitors the routers of a Mixture-of-Experts model during ``fit``, ``validate`` and ``test``.
 
-    ``Trainer(callbacks=[MoEMonitor()])`` is all it takes: at ``setup`` a
-    :class:`~moe_monitor.monitor.RouterMonitor` hooks every router of the LightningModule; every
-    ``log_every_n_steps`` optimizer steps the training window is closed (all micro-batches of gradient accumulation
-    and all processes included), checked by the collapse detector, shown to the controllers and logged; each
-    validation run (sanity check excluded) and each test run is one window of phase ``"val"`` / ``"test"``. An
-    ``attention_mask`` in a dict-like batch (``Mapping``, Hugging Face ``BatchEncoding``) excludes padding.
+    ``Trainer(callbacks=[MoEMonitor()])`` is all it takes: at ``setup`` a :class:`~moe_monitor.watcher.Watcher`
+    hooks every router of the LightningModule; every ``log_every_n_steps`` optimizer steps the training window is
+    closed (all micro-batches of gradient accumulation and all processes included), checked by the collapse
+    detector, shown to the controllers and logged; each validation run (sanity check excluded) and each test run is
+    one window of phase ``"val"`` / ``"test"``. An ``attention_mask`` in a dict-like batch (``Mapping``, Hugging Face
+    ``BatchEncoding``) excludes padding. The callback only translates Lightning's hooks into the watcher's
+    ``step`` / ``end_phase`` / ``flush``, so it behaves exactly like :class:`~moe_monitor.watcher.Watcher` in a
+    plain loop and :class:`~moe_monitor.integrations.transformers.MoETrainerCallback` under the HF ``Trainer``.
 
     Windows stay aligned to multiples of ``log_every_n_steps``, so some are shorter: the steps left when ``fit``
     ends, and the first window after resuming from a checkpoint written mid-window (its counts so far are not in
@@ -45,12 +47,23 @@ class MoEMonitor(Callback):
     the detector, whose thresholds and patience are meant for full windows; the controllers still see it, with no
     new detector events (they act on the alerts of full windows).
 
-    The hooks are removed at ``teardown`` and when the run raises. At the end of ``fit``, rank zero writes the
-    history (``layers.csv``, ``experts.csv``, ``events.csv``) to ``<trainer.log_dir>/moe_monitor`` (or
-    ``<default_root_dir>/moe_monitor`` without a logger); it stays in memory too: :meth:`layer_frame`,
+    Under DDP a process with no validation batch skips Lightning's whole validation loop, hooks included; so the
+    validation window is reduced at the next point every process reaches (the next training window, the end of
+    ``fit``, or ``teardown`` for ``validate`` / ``test``), still logged at the step it ran at. In one process it
+    closes at once.
+
+    The hooks are removed at ``teardown`` and when the run raises. Rank zero appends each window's rows to
+    ``layers.csv``, ``experts.csv`` and ``events.csv`` in ``<trainer.log_dir>/moe_monitor`` (or
+    ``<default_root_dir>/moe_monitor`` without a logger; ``.../moe_monitor/<name>`` when named) as the window closes,
+    so an exception, Ctrl-C or a killed process keeps every finished window; at the end of ``fit`` the files are
+    rewritten in full with parquet twins. The history stays in memory too: :meth:`layer_frame`,
     :meth:`expert_frame`, :meth:`event_frame`. A failing logger, detector, controller or missing optional
     package warns once and never stops training. An error raised inside ``torch.distributed`` (a broken process
     group) is not caught: swallowed on one process, it would leave the others waiting in the next collective.
+
+    Several monitors on one trainer (say, one every step and one every 100 steps) need distinct ``name`` s: each
+    then logs under ``moe/<name>/<phase>/...`` and writes its own files; two with the same name (or two without)
+    are refused at ``setup``.
 
     **Logged metrics** (through every logger of the trainer, at ``step=trainer.global_step``, rank zero only;
     ``<phase>`` is ``train``, ``val`` or ``test``; ``<LL>`` is the router's index in model order, ``L00``, ``L01``,
@@ -65,6 +78,7 @@ class MoEMonitor(Callback):
     - ``moe/<phase>/load/<LL>/E<EE>``: each expert's share of its layer's assignments, only with
       ``log_expert_loads=True``.
     - Each controller's ``metrics()``, e.g. ``controller/aux_loss/max_coef``, per training window.
+    - With ``name="fast"``, every key above becomes ``moe/fast/<phase>/...`` and ``controller/fast/...``.
 
     TensorBoard also gets ``moe/<phase>/expert_load/<LL>`` histograms (one bucket per expert),
     ``moe/<phase>/load_heatmap`` images, a CUSTOM SCALARS layout with one chart per statistic across layers,
@@ -86,11 +100,13 @@ class MoEMonitor(Callback):
         on_alert: called on rank zero with each new alert (``CollapseEvent`` of kind ``"alert"``).
         stop_on_collapse: set ``trainer.should_stop`` on the first critical alert. The alert comes from
             statistics reduced over all processes, so every process stops at the same step.
-        save_frames: write the history to ``<log_dir>/moe_monitor`` at the end of ``fit``.
+        save_frames: write the history files to ``<log_dir>/moe_monitor`` during ``fit``.
+        name: distinguishes several monitors of one trainer: key prefix ``moe/<name>/<phase>/...`` (and
+            ``controller/<name>/...``), files in ``<log_dir>/moe_monitor/<name>``, and part of :attr:`state_key`.
 
     Raises:
-        MisconfigurationException: an argument is of the wrong type or out of range; the message lists what is
-            allowed.
+        MisconfigurationException: an argument is of the wrong type or out of range (the message lists what is
+            allowed), or, at ``setup``, two monitors of the trainer share a ``name``.
         NoRoutersFoundError: at ``setup``, when the module has no router it can recognise; the message says how to
             name routers in ``MoEMonitor(routers=[...])``, relative to the LightningModule.
 
@@ -276,8 +292,8 @@ class MoEMonitor(Callback):
             if not trainer.loggers:
                 rank_zero_warn(
                     "MoEMonitor: the Trainer has no logger, so routing statistics go to no dashboard. The history is"
-                    " kept in memory (`MoEMonitor.layer_frame()`) and written to `<default_root_dir>/moe_monitor` at"
-                    " the end of fit.",
+                    " kept in memory (`MoEMonitor.layer_frame()`) and written to `<default_root_dir>/moe_monitor` as"
+                    " each window closes.",
                     category=RuntimeWarning,
                 )
             sinks = [*trainer.loggers, *([self._files_dir] if self._files_dir else [])]
