@@ -434,7 +434,7 @@ class Watcher:
 
     def event_frame(self) -> pd.DataFrame:
         """Every alert, recovery and control event so far, one row each (columns ``EVENT_COLUMNS``)."""
-        return pd.DataFrame([event_record(e) for e in self.events], columns=list(EVENT_COLUMNS))
+        return _event_frame(self.events)
 
     # --------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -536,7 +536,7 @@ class Watcher:
         for sink in self.sinks:
             self._safely(f"write to the {sink.name} sink", sink.log_window, published, metrics, events)
         for files in self._files:
-            self._safely("append to the history files", files.append, self.monitor, snapshot, events)
+            self._safely("append to the history files", files.append, self.monitor, snapshot, events, self.events)
 
     def _safely(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Runs one step of the watcher's own work; on error warns once per ``what`` and lets training go on.
@@ -573,20 +573,22 @@ class _HistoryFiles:
         self.path = os.fspath(path)
         self._started = False
 
-    def append(self, monitor: RouterMonitor, snapshot: Snapshot, events: Sequence[CollapseEvent]) -> None:
+    def append(
+        self, monitor: RouterMonitor, snapshot: Snapshot, new: Sequence[CollapseEvent], every: Sequence[CollapseEvent]
+    ) -> None:
+        """Writes one closed window: its rows, and its ``new`` events (``every`` event so far on the first write)."""
         os.makedirs(self.path, exist_ok=True)
         layers = monitor.layer_frame()
         if not self._started:
             self._started = True
             layers.to_csv(self._file("layers"), index=False)
             monitor.expert_frame().to_csv(self._file("experts"), index=False)
-            pd.DataFrame([], columns=list(EVENT_COLUMNS)).to_csv(self._file("events"), index=False)
-        else:
-            layers.tail(len(snapshot.layer_names)).to_csv(self._file("layers"), mode="a", header=False, index=False)
-            expert_rows(snapshot).to_csv(self._file("experts"), mode="a", header=False, index=False)
-        if events:
-            frame = pd.DataFrame([event_record(e) for e in events], columns=list(EVENT_COLUMNS))
-            frame.to_csv(self._file("events"), mode="a", header=False, index=False)
+            _event_frame(every).to_csv(self._file("events"), index=False)
+            return
+        layers.tail(len(snapshot.layer_names)).to_csv(self._file("layers"), mode="a", header=False, index=False)
+        expert_rows(snapshot).to_csv(self._file("experts"), mode="a", header=False, index=False)
+        if new:
+            _event_frame(new).to_csv(self._file("events"), mode="a", header=False, index=False)
 
     def finish(self, monitor: RouterMonitor, event_frame: pd.DataFrame) -> None:
         monitor.save(self.path)
@@ -594,6 +596,10 @@ class _HistoryFiles:
 
     def _file(self, stem: str) -> str:
         return os.path.join(self.path, f"{stem}.csv")
+
+
+def _event_frame(events: Sequence[CollapseEvent]) -> pd.DataFrame:
+    return pd.DataFrame([event_record(e) for e in events], columns=list(EVENT_COLUMNS))
 
 
 def expert_rows(snapshot: Snapshot) -> pd.DataFrame:

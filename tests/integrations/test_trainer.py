@@ -151,6 +151,11 @@ def test_resume_restores_the_state_saved_in_the_checkpoint(tmp_path: Path) -> No
     # The detector remembers the alert of step 2: still active, so no second alert at step 4.
     alerts = second.watcher.event_frame().query("kind == 'alert' and rule == 'load_entropy'")
     assert sorted(set(alerts.step)) == [2]
+    # The files continue the history without gap or duplicate, restored events included.
+    files = tmp_path / "moe_monitor"
+    assert pd.read_csv(files / "layers.csv").step.tolist() == [2, 2, 4, 4]
+    on_disk = pd.read_csv(files / "events.csv")
+    assert on_disk[["step", "kind", "rule"]].equals(second.watcher.event_frame()[["step", "kind", "rule"]])
 
 
 def test_stop_on_collapse_stops_the_trainer_at_the_first_critical_window(tmp_path: Path) -> None:
