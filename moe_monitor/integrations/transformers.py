@@ -43,7 +43,8 @@ class MoETrainerCallback(TrainerCallback):
     all micro-batches of gradient accumulation and all processes are in it. Each ``evaluate`` is one window of
     phase ``"val"`` (as are ``predict`` runs, closed at ``on_predict``). Padding is left out through the
     ``attention_mask`` the model is called with (a forward pre-hook on the model reads it from the call). The last
-    partial window closes at the last optimizer step.
+    partial window closes at the last optimizer step. Under DDP, an evaluation set that does not split evenly over
+    the processes is evened out by accelerate with repeated samples; the window counts those repeats too.
 
     **Logged metrics** (keys as for :class:`~moe_monitor.callback.MoEMonitor`: ``moe/<phase>/<stat>/<LL>``,
     ``moe/<phase>/all/...``, controller metrics; at ``state.global_step``, main process only):

@@ -195,6 +195,9 @@ def test_two_processes_reduce_every_window_over_both(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     frames = [pd.read_csv(tmp_path / f"rank{rank}.csv") for rank in (0, 1)]
     assert frames[0].equals(frames[1])  # every process saw the same reduced windows
-    # One window of the whole epoch: the distributed sampler gives each process half of the 16 samples.
-    assert frames[0].step.tolist() == [4, 4]
-    assert (frames[0].tokens == PaddedTokens(16).real_tokens()).all()
+    # One window of the whole epoch: the distributed sampler gives each process half of the 16 samples; the
+    # evaluation at step 4 is one window over both processes' halves of the 8 samples.
+    train, val = frames[0][frames[0].phase == "train"], frames[0][frames[0].phase == "val"]
+    assert train.step.tolist() == [4, 4] and val.step.tolist() == [4, 4]
+    assert (train.tokens == PaddedTokens(16).real_tokens()).all()
+    assert (val.tokens == PaddedTokens(8, offset=100).real_tokens()).all()
