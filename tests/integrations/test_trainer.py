@@ -201,3 +201,21 @@ def test_two_processes_reduce_every_window_over_both(tmp_path: Path) -> None:
     assert train.step.tolist() == [4, 4] and val.step.tolist() == [4, 4]
     assert (train.tokens == PaddedTokens(16).real_tokens()).all()
     assert (val.tokens == PaddedTokens(8, offset=100).real_tokens()).all()
+
+
+@pytest.mark.slow
+def test_wandb_integration_gets_the_rich_views_without_a_fault(tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    callback = MoETrainerCallback(log_every=2)
+    args = training_args(tmp_path, report_to=["wandb"], run_name="moe")
+    Trainer(model=tiny_model("mixtral"), args=args, train_dataset=PaddedTokens(8), callbacks=[callback]).train()
+    kinds = [type(sink).__name__ for sink in callback.watcher.sinks]
+    assert "WandbSink" in kinds and kinds.count("ScalarSink") == 1  # the Trainer's own W&B run, scalars included
+    assert all(sink.failures == 0 for sink in callback.watcher.sinks)
+    import wandb
+
+    wandb.finish()  # the offline log is complete once the run has finished
+    (run_file,) = tmp_path.glob("**/offline-run-*/run-*.wandb")
+    log = run_file.read_bytes()  # history records keep their keys as plain strings
+    for key in ("moe/train/load_entropy/L00", "moe/train/expert_load/L01", "moe/train/load_heatmap"):
+        assert key.encode() in log, key
