@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import traceback
 import warnings
@@ -27,10 +28,10 @@ import torch
 from torch import nn
 
 from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent
-from moe_monitor.monitor import RouterMonitor
+from moe_monitor.monitor import LAYER_COLUMNS, RouterMonitor
 from moe_monitor.sinks.base import Sink
 from moe_monitor.sinks.scalars import ScalarSink, scalar_metrics
-from moe_monitor.snapshot import Snapshot
+from moe_monitor.snapshot import STAT_NAMES, Snapshot
 
 __all__ = ["Watcher", "check_options", "make_sinks"]
 
@@ -578,14 +579,15 @@ class _HistoryFiles:
     ) -> None:
         """Writes one closed window: its rows, and its ``new`` events (``every`` event so far on the first write)."""
         os.makedirs(self.path, exist_ok=True)
-        layers = monitor.layer_frame()
         if not self._started:
             self._started = True
-            layers.to_csv(self._file("layers"), index=False)
+            monitor.layer_frame().to_csv(self._file("layers"), index=False)
             monitor.expert_frame().to_csv(self._file("experts"), index=False)
             _event_frame(every).to_csv(self._file("events"), index=False)
             return
-        layers.tail(len(snapshot.layer_names)).to_csv(self._file("layers"), mode="a", header=False, index=False)
+        # Rows of this window only, so the cost of a window does not grow with the history.
+        layers = layer_rows(snapshot, monitor.layout.capacity_factors)
+        layers.to_csv(self._file("layers"), mode="a", header=False, index=False)
         expert_rows(snapshot).to_csv(self._file("experts"), mode="a", header=False, index=False)
         if new:
             _event_frame(new).to_csv(self._file("events"), mode="a", header=False, index=False)
@@ -600,6 +602,42 @@ class _HistoryFiles:
 
 def _event_frame(events: Sequence[CollapseEvent]) -> pd.DataFrame:
     return pd.DataFrame([event_record(e) for e in events], columns=list(EVENT_COLUMNS))
+
+
+def layer_rows(snapshot: Snapshot, capacity_factors: Sequence[float] = ()) -> pd.DataFrame:
+    """One row per layer of one window, in the columns and types of ``RouterMonitor.layer_frame``.
+
+    Example:
+        >>> snap = Snapshot(step=3, phase="train", layer_names=["r"], num_experts=[2], top_k=[1],
+        ...     counts=torch.tensor([[3, 1]]), tokens=torch.tensor([4]), dropped=torch.tensor([0]),
+        ...     nonfinite_tokens=torch.tensor([0]), stats={"load_entropy": torch.tensor([0.5])})
+        >>> row = layer_rows(snap).iloc[0]
+        >>> int(row.tokens), int(row.assignments), float(row.load_entropy), bool(pd.isna(row.gini))
+        (4, 4, 0.5, True)
+    """
+    cf_columns = [f"counterfactual_drop@{float(cf)!r}" for cf in capacity_factors]
+    num_layers = len(snapshot.layer_names)
+    columns: dict[str, list[Any]] = {
+        "step": [snapshot.step] * num_layers,
+        "phase": [snapshot.phase] * num_layers,
+        "layer": list(snapshot.layer_names),
+        "layer_index": list(range(num_layers)),
+        "num_experts": list(snapshot.num_experts),
+        "top_k": list(snapshot.top_k),
+        "tokens": snapshot.tokens.tolist(),
+        "assignments": snapshot.counts.sum(dim=1).tolist(),
+        "dropped": snapshot.dropped.tolist(),
+    }
+    nan_L = [math.nan] * num_layers
+    for name in STAT_NAMES:
+        values_L = snapshot.stats.get(name)
+        columns[name] = nan_L if values_L is None else values_L.tolist()
+    columns["nonfinite_tokens"] = snapshot.nonfinite_tokens.tolist()
+    for name in cf_columns:
+        values_L = snapshot.extras.get(name)
+        columns[name] = nan_L if values_L is None else values_L.tolist()
+    frame = pd.DataFrame(columns, columns=[*LAYER_COLUMNS, *cf_columns])
+    return frame.astype({"step": "int64", "layer_index": "int64", "tokens": "int64", "assignments": "int64"})
 
 
 def expert_rows(snapshot: Snapshot) -> pd.DataFrame:

@@ -166,3 +166,17 @@ def test_a_killed_loop_leaves_every_finished_window_on_disk(tmp_path: Path) -> N
     per_window = experts.groupby(["step", "layer_index"])["count"].sum()
     assert per_window.tolist() == [2 * t for t in real for _ in range(2)]  # top-2: two assignments per token
     assert all(math.isfinite(v) for v in layers.load_entropy)
+
+
+def test_files_appended_window_by_window_equal_the_final_rewrite(tmp_path: Path) -> None:
+    model = tiny_model("mixtral")
+    detector = CollapseDetector(min_load_entropy=0.9999, patience=1)  # events to append as well
+    watcher = Watcher(model, log_every=1, detector=detector, sinks=[tmp_path])
+    _train(model, watcher, PaddedTokens(8), batch=2)
+    with watcher.phase("val"), torch.no_grad():
+        model(**stacked(PaddedTokens(4)))
+    appended = {name: (tmp_path / f"{name}.csv").read_text() for name in ("layers", "experts", "events")}
+    assert appended["layers"].count("\n") == 1 + 5 * 2  # header + (4 train + 1 val windows) x 2 layers
+    watcher.close()  # rewrites every file from the in-memory history
+    for name, text in appended.items():
+        assert (tmp_path / f"{name}.csv").read_text() == text, name
