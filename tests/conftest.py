@@ -12,6 +12,10 @@ import pytest
 import torch
 from seeds import SEED_OFFSET, THREADS
 
+# --doctest-modules would import this file once more as a test module named "conftest", a name the directories'
+# own conftest.py files hold by then ("import file mismatch"); it has no doctests.
+collect_ignore = ["conftest.py"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     if THREADS is not None:
