@@ -133,7 +133,8 @@ def test_aux_controller_restores_load_entropy_on_biased_init():
         assert with_aux.pooled("load_entropy") > 0.9  # balanced (top-2 of 8 collapsed onto two experts reads 1/3)
         coefs = [e.value for e in with_aux.events if e.rule == "aux_loss_coef"]
         assert coefs and max(coefs) == pytest.approx(0.1)  # grew to the cap
-    # Without control the collapse mostly stays (one seed in three recovered to 0.68 on its own).
+    # Without control the collapse stays (pooled entropy 0.45-0.54 on seeds 0-3 after 300 steps; after 200, one seed
+    # had drifted back to 0.68 on its own, hence the median).
     assert statistics.median(gains) > 0.3
 
 
