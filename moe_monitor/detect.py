@@ -646,7 +646,9 @@ def make_snapshot(
 ) -> Snapshot:
     """Builds a :class:`Snapshot` from per-expert counts, computing the count-based SPEC §3 statistics.
 
-    Meant for tests, examples and replaying logged counts through a detector. Router-probability statistics
+    The statistics come from :func:`moe_monitor.stats.compute`, as the monitor's do (so a single expert's load
+    entropy is NaN, 0/0, and an empty window's statistics are NaN). Meant for tests, examples and replaying logged
+    counts through a detector. Router-probability statistics
     (``aux_loss``, ``z_loss``, ``router_entropy``, ``top1_confidence``) are NaN unless given as keyword arguments,
     one value per layer.
 
@@ -657,32 +659,30 @@ def make_snapshot(
         >>> round(float(make_snapshot([[5, 5, 5, 5]]).stats["load_entropy"][0]), 6)
         1.0
     """
+    from moe_monitor import stats as moe_stats
+
     counts_LE = torch.as_tensor(counts, dtype=torch.int64)
     num_layers, num_experts = counts_LE.shape
-    assignments_L = counts_LE.sum(dim=1).double()
-    load_LE = counts_LE.double() / assignments_L[:, None]
-    plogp_LE = torch.where(load_LE > 0, load_LE * load_LE.log(), torch.zeros_like(load_LE))
-    mean_L = counts_LE.double().mean(dim=1)
+    tokens_L = counts_LE.sum(dim=1) // top_k
     dropped_L = torch.as_tensor(dropped if dropped is not None else [0] * num_layers, dtype=torch.int64)
-    sorted_LE = counts_LE.double().sort(dim=1).values
-    ranks_E = torch.arange(1, num_experts + 1, dtype=torch.float64)
-    gini_L = (2 * (ranks_E * sorted_LE).sum(1) / (num_experts * sorted_LE.sum(1))) - (num_experts + 1) / num_experts
-    computed = {
-        "dropped_fraction": dropped_L.double() / assignments_L,
-        "load_entropy": -plogp_LE.sum(dim=1) / math.log(num_experts) if num_experts > 1 else torch.ones(num_layers),
-        "max_violation": counts_LE.double().max(dim=1).values / mean_L - 1,
-        "cv": counts_LE.double().std(dim=1, unbiased=False) / mean_L,
-        "gini": gini_L,
-        "dead_experts": (counts_LE == 0).sum(dim=1).double(),
+    zeros_L = torch.zeros(num_layers, dtype=torch.float64)
+    # No router probabilities or logits: zero known tokens make their statistics NaN (stats.compute's 0/0).
+    computed = moe_stats.compute(
+        counts_LE.double(),
+        torch.zeros(num_layers, num_experts, dtype=torch.float64),
+        torch.full((num_layers,), num_experts),
+        tokens_L.double(),
+        prob_tokens_L=zeros_L,
+        logit_tokens_L=zeros_L,
+        z_sum_L=zeros_L,
+        entropy_sum_L=zeros_L,
+        top1_sum_L=zeros_L,
+        dropped_L=dropped_L.double(),
+    )
+    all_stats = {
+        name: torch.as_tensor(stats[name], dtype=torch.float64) if name in stats else computed[name]
+        for name in STAT_NAMES
     }
-    nan_L = torch.full((num_layers,), math.nan, dtype=torch.float64)
-    all_stats = {}
-    for name in STAT_NAMES:
-        if name in stats:
-            all_stats[name] = torch.as_tensor(stats[name], dtype=torch.float64)
-        else:
-            # SPEC §3: an empty window has NaN statistics, never a made-up 0.
-            all_stats[name] = torch.where(assignments_L > 0, computed.get(name, nan_L).double(), nan_L)
     return Snapshot(
         step=step,
         phase=phase,
@@ -690,7 +690,7 @@ def make_snapshot(
         num_experts=[num_experts] * num_layers,
         top_k=[top_k] * num_layers,
         counts=counts_LE,
-        tokens=(counts_LE.sum(dim=1) // top_k),
+        tokens=tokens_L,
         dropped=dropped_L,
         nonfinite_tokens=torch.as_tensor(
             nonfinite_tokens if nonfinite_tokens is not None else [0] * num_layers, dtype=torch.int64

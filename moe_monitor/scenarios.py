@@ -35,11 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_monitor.controllers import CONTROLLERS, Controller, ExpertBiasController, make_controllers
-from moe_monitor.detect import CollapseDetector, CollapseEvent
+from moe_monitor.detect import CollapseDetector, CollapseEvent, make_snapshot
 from moe_monitor.reference.config import MoEConfig
 from moe_monitor.reference.model import MoETransformer
 
-__all__ = ["SCENARIOS", "Scenario", "RunResult", "make_controllers", "run", "CONTROLLERS"]
+__all__ = ["SCENARIOS", "POOLED_STATS", "Scenario", "RunResult", "make_controllers", "run", "CONTROLLERS"]
+
+# The statistics :meth:`RunResult.pooled` can pool: those a window's counts and drops determine.
+POOLED_STATS: tuple[str, ...] = ("max_violation", "load_entropy", "cv", "gini", "dead_experts", "dropped_fraction")
 
 
 def _transformer(model: nn.Module) -> MoETransformer:
@@ -201,33 +204,23 @@ class RunResult:
         return float(frame[frame.step.isin(last_steps)][stat].mean())
 
     def pooled(self, stat: str, windows: int = 5) -> float:
-        """One statistic of the last ``windows`` training windows pooled into one, averaged over layers.
+        """One count statistic of the last ``windows`` training windows pooled into one, averaged over layers.
 
         Pooling gives the statistic many assignments, so a balance measure such as MaxVio reflects the router
-        rather than the sampling noise of one small window. ``stat`` is ``"max_violation"``, ``"load_entropy"``
-        or ``"dropped_fraction"``.
+        rather than the sampling noise of one small window. ``stat`` is one of :data:`POOLED_STATS`, computed from
+        the pooled counts and drops by :func:`moe_monitor.stats.compute` (through
+        :func:`~moe_monitor.detect.make_snapshot`), as the monitor computes a window's.
         """
+        if stat not in POOLED_STATS:
+            raise ValueError(f"stat={stat!r} cannot be pooled; choose one of {', '.join(POOLED_STATS)}.")
         layers = self.layer_frame[self.layer_frame.phase == "train"]
         last_steps = sorted(layers.step.unique())[-windows:]
-        layers = layers[layers.step.isin(last_steps)]
-        if stat == "dropped_fraction":
-            sums = layers.groupby("layer")[["dropped", "assignments"]].sum()
-            return float((sums.dropped / sums.assignments).mean())
+        dropped_L = layers[layers.step.isin(last_steps)].groupby("layer").dropped.sum()
         experts = self.expert_frame[(self.expert_frame.phase == "train") & self.expert_frame.step.isin(last_steps)]
-        values = []
-        for _, group in experts.groupby("layer"):
-            count_E = torch.tensor(group.groupby("expert")["count"].sum().to_numpy(), dtype=torch.float64)
-            load_E = count_E / count_E.sum()
-            if stat == "max_violation":
-                values.append(float(count_E.max() / count_E.mean() - 1))
-            elif stat == "load_entropy":
-                plogp_E = torch.where(load_E > 0, load_E * load_E.log(), torch.zeros_like(load_E))
-                values.append(float(-plogp_E.sum() / math.log(len(count_E))))
-            else:
-                raise ValueError(
-                    f"stat={stat!r} cannot be pooled; choose max_violation, load_entropy or dropped_fraction."
-                )
-        return sum(values) / len(values)
+        count_LE = experts.pivot_table(index="layer", columns="expert", values="count", aggfunc="sum")
+        # Every layer of the reference model has the same experts, as make_snapshot assumes.
+        pooled = make_snapshot(count_LE.loc[dropped_L.index].to_numpy().tolist(), dropped=dropped_L.tolist())
+        return float(pooled.stats[stat].mean())
 
 
 def run(

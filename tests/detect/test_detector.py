@@ -50,13 +50,44 @@ def entropy(counts: list[int]) -> float:
     return -sum(c / total * math.log(c / total) for c in counts if c) / math.log(len(counts))
 
 
-def test_make_snapshot_statistics_match_formulas():
-    window = snap(SKEWED)
-    counts = SKEWED[0]
-    mean = sum(counts) / len(counts)
-    assert float(window.stats["max_violation"][0]) == pytest.approx(max(counts) / mean - 1)
-    assert float(window.stats["load_entropy"][0]) == pytest.approx(entropy(counts))
-    assert int(window.tokens[0]) == sum(counts) // 2
+def loop_stats(counts: list[int], dropped: int) -> dict[str, float]:
+    """The count statistics of SPEC §3 by plain loops over one layer's counts (NaN where a formula is 0/0)."""
+    n, total = len(counts), sum(counts)
+    if total == 0:
+        names = ("load_entropy", "max_violation", "cv", "gini", "dead_experts", "dropped_fraction")
+        return dict.fromkeys(names, math.nan)
+    mean = total / n
+    ranked = sorted(counts)
+    return {
+        "load_entropy": entropy(counts) if n > 1 else math.nan,  # ln 1 = 0: a single expert has no entropy range
+        "max_violation": max(counts) / mean - 1,
+        "cv": math.sqrt(sum((c - mean) ** 2 for c in counts) / n) / mean,
+        "gini": sum((2 * i - n - 1) * c for i, c in enumerate(ranked, start=1)) / (n * total),
+        "dead_experts": float(sum(1 for c in counts if c == 0)),
+        "dropped_fraction": dropped / total,
+    }
+
+
+@pytest.mark.parametrize(
+    "counts, dropped",
+    [(SKEWED[0], 700), ([0, 3, 0, 9, 1], 0), ([12], 2), ([0, 0, 0], 0)],
+    ids=["skewed", "dead", "one_expert", "empty"],
+)
+def test_make_snapshot_statistics_match_plain_loops(counts, dropped):
+    window = snap([counts, counts[::-1]], top_k=1, dropped=[dropped, 0])
+    for layer, layer_dropped in enumerate((dropped, 0)):
+        for name, expected in loop_stats(counts, layer_dropped).items():
+            assert float(window.stats[name][layer]) == pytest.approx(expected, nan_ok=True), (layer, name)
+    # No router probabilities or logits were given: their statistics are unknown, not 0.
+    for name in ("aux_loss", "z_loss", "router_entropy", "top1_confidence"):
+        assert window.stats[name].isnan().all(), name
+    assert window.tokens.tolist() == [sum(counts)] * 2
+
+
+def test_make_snapshot_takes_given_statistics_and_counts_tokens_per_top_k():
+    window = snap(SKEWED, z_loss=[12.5])
+    assert window.stats["z_loss"].tolist() == [12.5] and window.stats["aux_loss"].isnan().all()
+    assert int(window.tokens[0]) == sum(SKEWED[0]) // 2
 
 
 def test_load_entropy_alert_after_patience_with_actionable_message():
