@@ -40,10 +40,14 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 def _run_in_tmp_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Runs every test in its own ``tmp_path``: whatever it writes to the current directory lands there.
 
-    ``Trainer(logger=False)`` writes ``moe_monitor/*.csv`` under the current directory, which from the repository
-    root is the package's own folder.
+    A trainer without a logger writes under its ``default_root_dir``, the current directory by default. W&B runs
+    offline (no network, nothing to log in to) and keeps its files in the test's folder too, whatever the
+    environment says; subprocesses inherit both.
     """
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
 
 
 @pytest.fixture
