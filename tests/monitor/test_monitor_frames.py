@@ -84,5 +84,5 @@ def test_state_dict_round_trip_is_plain_python(monitor):
 
 def test_state_of_another_version_says_what_to_do(monitor):
     state = {**monitor.state_dict(), "version": 99}
-    with pytest.raises(ValueError, match=r"state version 99: this moe_monitor reads version 1.*another moe_monitor"):
+    with pytest.raises(ValueError, match=r"state version 99: this moe_monitor reads versions 1 and 2.*another moe_monitor"):
         monitor.load_state_dict(state)
