@@ -34,6 +34,7 @@ written after it (the resumed run replays those steps), so the files carry on wi
 from __future__ import annotations
 
 import collections
+import csv
 import os
 import shutil
 import warnings
@@ -229,6 +230,7 @@ class History:
             directory = pointer["directory"]
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
+        _has_pyarrow()  # imports pyarrow now (a second), not at the first part file in the middle of the run
         existing = [name for name in _FILES if (path / name).exists()]
         if pointer is not None and pointer.get("directory") is not None:
             source = Path(pointer["directory"])
@@ -283,19 +285,15 @@ class History:
     def _write_layers_csv(self, windows: list[_Window]) -> None:
         if not windows:
             return
-        path = self._directory / "layers.csv"
-        frame = self._layer_rows(windows)
-        frame.to_csv(path, mode="a", header=not path.exists() or path.stat().st_size == 0, index=False)
+        _append_csv(self._directory / "layers.csv", self._layer_columns(windows))
 
     def _write_part(self, first: int, windows: list[_Window]) -> None:
         name = f"part-{first:09d}"
         if _has_pyarrow():
-            for stem, frame in (("layers", self._layer_rows(windows)), ("experts", self._expert_rows(windows))):
-                _write_parquet(frame, self._directory / f"{stem}.parquet" / f"{name}.parquet")
+            for stem, columns in (("layers", self._layer_columns(windows)), ("experts", self._expert_columns(windows))):
+                _write_parquet(columns, self._directory / f"{stem}.parquet" / f"{name}.parquet")
         else:
-            path = self._directory / "experts.csv"
-            header = not path.exists() or path.stat().st_size == 0
-            self._expert_rows(windows).to_csv(path, mode="a", header=header, index=False)
+            _append_csv(self._directory / "experts.csv", self._expert_columns(windows))
 
     # ------------------------------------------------------------------------------------------------ reading
     def layer_frame(self):
@@ -326,27 +324,29 @@ class History:
         return _cast_experts(_concat([_read_csv(path) if path.exists() else pending.iloc[:0], pending]))
 
     def _layer_rows(self, windows: list[_Window]):
-        import pandas as pd
+        return _cast_layers(_frame(self._layer_columns(windows)), self.cf_columns)
 
+    def _expert_rows(self, windows: list[_Window]):
+        return _cast_experts(_frame(self._expert_columns(windows)))
+
+    def _layer_columns(self, windows: list[_Window]) -> dict[str, Any]:
         n, num_layers = len(windows), len(self.layer_names)
         values_RK = np.empty((0, len(self._value_columns)))
         if windows:
             values_RK = np.concatenate([w.values_LK for w in windows])
         columns: dict[str, Any] = {
             "step": np.repeat(np.array([w.step for w in windows], dtype=np.int64), num_layers),
-            "phase": np.repeat(np.array([w.phase for w in windows], dtype=object), num_layers),
-            "layer": np.tile(np.array(self.layer_names, dtype=object), n),
+            "phase": _Coded.of([w.phase for w in windows], num_layers),
+            "layer": _Coded(np.tile(np.arange(num_layers), n), self.layer_names),
             "layer_index": np.tile(np.arange(num_layers, dtype=np.int64), n),
             "num_experts": np.tile(np.array(self.num_experts, dtype=np.int64), n),
             "top_k": np.tile(np.array(self.top_k, dtype=np.int64), n),
         }
         for k, name in enumerate(self._value_columns):
-            columns[name] = values_RK[:, k]
-        return _cast_layers(pd.DataFrame(columns, columns=[*LAYER_COLUMNS, *self.cf_columns]), self.cf_columns)
+            columns[name] = values_RK[:, k].astype(np.int64) if name in _INT_VALUES else values_RK[:, k]
+        return {name: columns[name] for name in (*LAYER_COLUMNS, *self.cf_columns)}
 
-    def _expert_rows(self, windows: list[_Window]):
-        import pandas as pd
-
+    def _expert_columns(self, windows: list[_Window]) -> dict[str, Any]:
         layer_R, expert_R = np.nonzero(self._own_LE)
         per_window = len(layer_R)
         if windows:
@@ -359,14 +359,14 @@ class History:
         n = len(windows)
         columns = {
             "step": np.repeat(np.array([w.step for w in windows], dtype=np.int64), per_window),
-            "phase": np.repeat(np.array([w.phase for w in windows], dtype=object), per_window),
-            "layer": np.tile(np.array(self.layer_names, dtype=object)[layer_R], n),
+            "phase": _Coded.of([w.phase for w in windows], per_window),
+            "layer": _Coded(np.tile(layer_R, n), self.layer_names),
             "layer_index": np.tile(layer_R.astype(np.int64), n),
             "expert": np.tile(expert_R.astype(np.int64), n),
             "count": counts_NR.reshape(-1).astype(np.int64),
             "load": load_NR.reshape(-1).astype(np.float64),
         }
-        return _cast_experts(pd.DataFrame(columns))
+        return columns
 
     def save(self, path: str | os.PathLike) -> list[str]:
         """Writes the whole history into directory ``path``: ``layers.csv``, ``experts.csv``, and ``.parquet``
@@ -535,6 +535,23 @@ class History:
         )
 
 
+@dataclass(frozen=True)
+class _Coded:
+    """A string column as codes into a list of names: cheap to repeat, and Arrow writes it without a Python loop."""
+
+    codes: np.ndarray
+    names: list[str]
+
+    @classmethod
+    def of(cls, values: list[str], repeats: int) -> _Coded:
+        names = sorted(set(values))
+        index = {name: i for i, name in enumerate(names)}
+        return cls(np.repeat(np.array([index[v] for v in values], dtype=np.int64), repeats), names)
+
+    def objects(self) -> np.ndarray:
+        return np.array(self.names + [""], dtype=object)[self.codes]
+
+
 class _Limited:
     """A binary file object that reads at most ``limit`` bytes of ``file``."""
 
@@ -549,15 +566,53 @@ class _Limited:
         return data
 
 
-def _write_parquet(frame, path: Path) -> None:
+def _write_parquet(rows, path: Path) -> None:
+    """Writes ``rows`` (a ``pandas.DataFrame``, or columns: name -> numpy array) as the Parquet file ``path``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if isinstance(rows, dict):
+        arrays = {}
+        for name, values in rows.items():
+            if isinstance(values, _Coded):
+                codes = pa.array(values.codes, pa.int32())
+                arrays[name] = pa.DictionaryArray.from_arrays(codes, pa.array(values.names, pa.string()))
+                arrays[name] = arrays[name].cast(pa.string())
+            else:
+                arrays[name] = pa.array(values)
+        table = pa.table(arrays)
+    else:
+        table = pa.Table.from_pandas(rows, preserve_index=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed: a reader never sees half a part, and a crash leaves none.
     temporary = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), temporary, compression="zstd")
+    pq.write_table(table, temporary, compression="zstd")
     os.replace(temporary, path)
+
+
+def _append_csv(path: Path, columns: dict[str, Any]) -> None:
+    """Appends rows to a CSV file (a header first when it is new), as ``pandas.to_csv`` writes them (NaN empty)."""
+    header = not path.exists() or path.stat().st_size == 0
+    cells = []
+    for values in columns.values():
+        if isinstance(values, _Coded):
+            cells.append(values.objects().tolist())
+        elif values.dtype.kind == "f":
+            # repr() is the shortest text that reads back as the same float; pandas reads the empty cell as NaN.
+            cells.append(["" if v != v else repr(v) for v in values.tolist()])
+        else:
+            cells.append(values.tolist())
+    with open(path, "a", newline="") as file:
+        writer = csv.writer(file)
+        if header:
+            writer.writerow(columns)
+        writer.writerows(zip(*cells))
+
+
+def _frame(columns: dict[str, Any]):
+    import pandas as pd
+
+    return pd.DataFrame({name: v.objects() if isinstance(v, _Coded) else v for name, v in columns.items()})
 
 
 def _read_parts(directory: Path, stem: str, parts: list[Path] | None = None) -> list:
@@ -582,16 +637,21 @@ def _concat(frames: list):
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
 
 
+def _cast(frame, types: dict[str, str]):
+    # Only the columns that need it: astype over every column costs milliseconds per call in pandas.
+    changed = {name: kind for name, kind in types.items() if str(frame[name].dtype) != kind}
+    return (frame.astype(changed) if changed else frame)[list(types)]
+
+
 def _cast_layers(frame, cf_columns: list[str]):
     ints = ("step", "layer_index", "num_experts", "top_k", *_INT_VALUES)
-    types = {name: ("int64" if name in ints else "float64") for name in frame.columns}
-    types.update(phase="str", layer="str")
-    return frame.astype(types)[[*LAYER_COLUMNS, *cf_columns]]
+    types = {name: ("int64" if name in ints else "float64") for name in (*LAYER_COLUMNS, *cf_columns)}
+    return _cast(frame, {**types, "phase": "str", "layer": "str"})
 
 
 def _cast_experts(frame):
     types = {"step": "int64", "phase": "str", "layer": "str", "layer_index": "int64", "expert": "int64"}
-    return frame.astype({**types, "count": "int64", "load": "float64"})[list(EXPERT_COLUMNS)]
+    return _cast(frame, {**types, "count": "int64", "load": "float64"})
 
 
 def _upgrade_v1(state: dict[str, Any], history: History) -> dict[str, Any]:

@@ -366,7 +366,7 @@ class RouterMonitor:
         """
         layout = self.layout
         host_LF = self._reduce(phase)
-        num_experts_L = torch.tensor([layer.num_experts for layer in self.layers])
+        num_experts_L = torch.tensor(self.history.num_experts)
         column = {name: host_LF[:, layout.scalar(name)] for name in layout.scalar_names}
         counts_LE = host_LF[:, layout.counts]
         disabled_L = column["disabled"] > 0
@@ -400,9 +400,9 @@ class RouterMonitor:
         snapshot = Snapshot(
             step=int(step),
             phase=phase,
-            layer_names=[layer.name for layer in self.layers],
-            num_experts=[layer.num_experts for layer in self.layers],
-            top_k=[layer.top_k for layer in self.layers],
+            layer_names=list(self.history.layer_names),
+            num_experts=list(self.history.num_experts),
+            top_k=list(self.history.top_k),
             counts=counts_LE.round().long(),
             tokens=column["tokens"].round().long(),
             dropped=column["dropped"].round().long(),
