@@ -68,12 +68,13 @@ def _spec(name: str, num_experts: int, top_k: int) -> RouterSpec:
 
 
 def _median_s(fn, repeats: int) -> float:
+    """Median CPU seconds of this thread per call: on a shared machine, time spent waiting for a core is left out."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.thread_time() - start)
     return statistics.median(times)
 
 
@@ -125,7 +126,7 @@ def bench_history(windows: int, layers: int = 94, experts: int = 128) -> None:
 
 # ------------------------------------------------------------------------------------------------ hook
 def bench_hook(repeats: int, tokens: int) -> None:
-    print(f"\n## hook per router forward, T = {tokens} tokens, fp32 on the CPU")
+    print(f"\n## hook per router forward, T = {tokens} tokens, fp32 on the CPU (CPU time of this thread, medians)")
     print(f"{'model':16s} {'E':>4s} {'k':>2s} {'d':>5s} {'gate ms':>8s} {'coact':>6s} {'hook ms':>8s} {'% gate':>7s}")
     for model_name, (_, experts, top_k, d_model) in SHAPES.items():
         torch.manual_seed(0)
@@ -152,7 +153,8 @@ def bench_hook(repeats: int, tokens: int) -> None:
 # ------------------------------------------------------------------------------------------------ collect
 def bench_collect(repeats: int) -> None:
     print("\n## collect (reduce, statistics, history append), after one forward per router of 256 tokens")
-    print(f"{'shape':10s} {'mode':7s} {'collect ms':>11s}")
+    print("wall: elapsed; cpu: this thread's CPU time (a shared machine's waits left out); mean includes part writes")
+    print(f"{'shape':10s} {'mode':7s} {'wall median':>12s} {'cpu median':>11s} {'cpu mean':>9s} {'cpu max':>8s}")
     for layers, experts, top_k in ((94, 128, 8), (58, 256, 8)):
         torch.manual_seed(0)
         model = nn.Sequential(*[Gate(64, experts, top_k) for _ in range(layers)])
@@ -161,23 +163,30 @@ def bench_collect(repeats: int) -> None:
         for mode in ("memory", "files"):
             with tempfile.TemporaryDirectory() as directory:
                 monitor = RouterMonitor(model, routers=specs, history_dir=directory if mode == "files" else None)
-                times = _collect_times(monitor, model, x_TD, repeats)
+                wall, cpu = _collect_times(monitor, model, x_TD, repeats)
                 monitor.remove()
-            print(f"{layers}x{experts:<7d} {mode:7s} {1000 * statistics.median(times[1:]):11.2f}")
+            print(
+                f"{layers}x{experts:<7d} {mode:7s} {1000 * statistics.median(wall):12.2f} "
+                f"{1000 * statistics.median(cpu):11.2f} {1000 * statistics.mean(cpu):9.2f} {1000 * max(cpu):8.2f}"
+            )
 
 
-def _collect_times(monitor: RouterMonitor, model: nn.Sequential, x_TD: torch.Tensor, repeats: int) -> list[float]:
-    times = []
+def _collect_times(
+    monitor: RouterMonitor, model: nn.Sequential, x_TD: torch.Tensor, repeats: int
+) -> tuple[list[float], list[float]]:
+    """Wall and CPU (this thread) seconds of each ``collect``, after one forward of every router."""
+    wall, cpu = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in range(repeats + 1):
             with torch.no_grad():
                 for gate in model:
                     gate(x_TD)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             monitor.collect(step)
-            times.append(time.perf_counter() - start)
-    return times
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.thread_time() - start_cpu)
+    return wall[1:], cpu[1:]
 
 
 def main() -> None:
@@ -193,7 +202,7 @@ def main() -> None:
     if args.only in (None, "hook"):
         bench_hook(args.repeats, args.tokens)
     if args.only in (None, "collect"):
-        bench_collect(max(args.repeats, 20))
+        bench_collect(max(args.repeats, 60))
     if args.only in (None, "history"):
         bench_history(args.windows)
 

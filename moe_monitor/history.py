@@ -39,6 +39,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,8 @@ class History:
         self._pointer: dict[str, Any] | None = None  # a restored pointer not yet applied by open()
         self._evicted_warned = False
         self._broken = False
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     # ------------------------------------------------------------------------------------------------ writing
     def __len__(self) -> int:
@@ -199,7 +202,7 @@ class History:
         if self._directory is not None:
             self._guard(self._write_layers_csv, [self._recent[-1]])
             if self._total - self._written >= self._part_windows:
-                self.flush()
+                self.flush(wait=False)
 
     def open(self, directory: str | os.PathLike | None = None, resume_step: int | None = None) -> None:
         """Writes the history into ``directory`` from now on (the windows still in memory first).
@@ -248,17 +251,34 @@ class History:
         self._guard(self._write_layers_csv, recent)
         self.flush()
 
-    def flush(self) -> None:
-        """Writes the windows not yet in part files (it runs by itself every few windows and at checkpoints)."""
-        if self._directory is None or self._written >= self._total:
+    def flush(self, wait: bool = True) -> None:
+        """Writes the windows not yet in part files (it runs by itself every few windows and at checkpoints).
+
+        Args:
+            wait: return once the files are written; ``False`` (the flush every few windows) hands the encoding to a
+                writer thread and returns at once (one part in flight at most, so memory stays bounded).
+        """
+        if self._directory is None:
             return
-        windows = [w for i, w in self._indexed() if i >= self._written]
-        if self._guard(self._write_part, self._written, windows):
-            self._written = self._total
+        if self._written < self._total and not self._broken:
+            jobs = self._part_jobs(self._written, [w for i, w in self._indexed() if i >= self._written])
+            self._wait()
+            if not self._broken:
+                self._written = self._total
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe_monitor-history")
+                self._pending = self._writer.submit(_run, jobs)
+        if wait:
+            self._wait()
 
     def close(self) -> None:
-        """Flushes the files (the history stays readable)."""
+        """Flushes the files and waits for them (the history stays readable)."""
         self.flush()
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._guard(pending.result)
 
     def _guard(self, fn, *args) -> bool:
         # The monitor must never stop the run it watches: a full disk warns once and the history stays in memory.
@@ -287,13 +307,15 @@ class History:
             return
         _append_csv(self._directory / "layers.csv", self._layer_columns(windows))
 
-    def _write_part(self, first: int, windows: list[_Window]) -> None:
+    def _part_jobs(self, first: int, windows: list[_Window]) -> list[tuple]:
+        """The writes of one part, as ``(function, *args)``: the columns are built now (from windows the tail may
+        evict later), the encoding runs in the writer thread."""
         name = f"part-{first:09d}"
         if _has_pyarrow():
-            for stem, columns in (("layers", self._layer_columns(windows)), ("experts", self._expert_columns(windows))):
-                _write_parquet(columns, self._directory / f"{stem}.parquet" / f"{name}.parquet")
-        else:
-            _append_csv(self._directory / "experts.csv", self._expert_columns(windows))
+            parts = {"layers": self._layer_columns(windows), "experts": self._expert_columns(windows)}
+            folder = self._directory
+            return [(_write_parquet, c, folder / f"{stem}.parquet" / f"{name}.parquet") for stem, c in parts.items()]
+        return [(_append_csv, self._directory / "experts.csv", self._expert_columns(windows))]
 
     # ------------------------------------------------------------------------------------------------ reading
     def layer_frame(self):
@@ -302,6 +324,7 @@ class History:
         Columns: :data:`LAYER_COLUMNS` (``layer`` is the module path; ``layer_index`` its position in model order),
         then ``counterfactual_drop@<cf>`` per capacity factor (NaN for routers with a real capacity).
         """
+        self._wait()
         if self._directory is None or self._broken:
             return self._layer_rows(list(self._recent))
         pending = [w for i, w in self._indexed() if i >= self._written]
@@ -315,6 +338,7 @@ class History:
 
         Columns: :data:`EXPERT_COLUMNS`; ``load = count / assignments`` of the layer (NaN for an empty window).
         """
+        self._wait()
         if self._directory is None or self._broken:
             return self._expert_rows(list(self._recent))
         pending = self._expert_rows([w for i, w in self._indexed() if i >= self._written])
@@ -552,6 +576,11 @@ class _Coded:
         return np.array(self.names + [""], dtype=object)[self.codes]
 
 
+def _run(jobs: list[tuple]) -> None:
+    for fn, *args in jobs:
+        fn(*args)
+
+
 class _Limited:
     """A binary file object that reads at most ``limit`` bytes of ``file``."""
 
@@ -586,7 +615,9 @@ def _write_parquet(rows, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed: a reader never sees half a part, and a crash leaves none.
     temporary = path.with_name(path.name + ".tmp")
-    pq.write_table(table, temporary, compression="zstd")
+    # Dictionary pages for the low-cardinality columns only: trying them on the counts and loads costs time for nothing.
+    low = [name for name in table.column_names if name in ("step", "phase", "layer", "layer_index", "expert")]
+    pq.write_table(table, temporary, compression="zstd", use_dictionary=low)
     os.replace(temporary, path)
 
 
