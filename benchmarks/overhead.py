@@ -10,8 +10,9 @@ each on its own copy of the same model so hooks never have to be re-attached:
 - ``naive``: a hook that copies every router's logits to the host each forward and counts there.
 
 Prints each variant's median step time, its ratio to ``none`` (ratio of medians, and the median of the per-round
-ratios), and the directly timed cost of one hook call and one ``collect`` with the overhead they imply.
-Targets (CPU): every50 <= 1.02x, every1 <= 1.05x.
+ratios with a bootstrap 95 % interval of that median and the quartiles of the per-round ratios), and the directly
+timed cost of one hook call and one ``collect`` with the overhead they imply.
+Targets (CPU, at 1024 tokens per step: ``--batch 8``): every50 <= 1.01x, every1 <= 1.02x.
 
 Usage: ``python benchmarks/overhead.py [--rounds 30] [--steps 10] [--batch 16] [--threads 1] [--preset tiny]``
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import time
 
@@ -129,16 +131,31 @@ def main() -> None:
         f"layers={len(monitor.layers)} experts={config.n_experts} top_k={config.top_k} device={device} "
         f"threads={args.threads} rounds={args.rounds} x {args.steps} steps"
     )
-    print(f"{'variant':8s} {'ms/step':>9s} {'ratio of medians':>17s} {'median paired ratio':>20s}")
+    print(
+        f"{'variant':16s} {'ms/step':>9s} {'ratio of medians':>17s} {'median paired ratio':>20s} "
+        f"{'95% CI of median':>17s} {'quartiles':>13s}"
+    )
     for name in names:
         median = statistics.median(variants[name]["times"]) / args.steps
-        print(f"{name:8s} {1000 * median:9.3f} {median / base_time:17.3f} {statistics.median(paired[name]):20.3f}")
+        low, high = _median_ci(paired[name])
+        q1, _, q3 = statistics.quantiles(paired[name], n=4)
+        print(
+            f"{name:16s} {1000 * median:9.3f} {median / base_time:17.3f} {statistics.median(paired[name]):20.3f} "
+            f"{low:8.3f}-{high:.3f} {q1:6.3f}-{q3:.3f}"
+        )
     per_step = len(monitor.layers) * hook_ms
     print(
         f"hook: {hook_ms:.3f} ms per router forward; collect: {collect_ms:.3f} ms. Estimated overhead from these: "
         f"every50 {1 + (per_step + collect_ms / 50) / (1000 * base_time):.4f}x, "
         f"every1 {1 + (per_step + collect_ms) / (1000 * base_time):.4f}x"
     )
+
+
+def _median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95 % interval of the median of ``values`` (how far another run's median may fall)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def _median_ms(fn, device: torch.device, repeats: int = 200) -> float:

@@ -26,6 +26,7 @@ import tempfile
 import time
 import tracemalloc
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -91,12 +92,17 @@ def _window(step: int, names: list[str], experts: int, generator: torch.Generato
     )
 
 
-def bench_history(windows: int, layers: int = 94, experts: int = 128) -> None:
+def bench_history(
+    windows: int, modes: Sequence[str] = ("memory", "files"), layers: int = 94, experts: int = 128
+) -> None:
     names = [f"model.layers.{i}.mlp.gate" for i in range(layers)]
     checkpoints = sorted({min(1000, windows), windows})
     print(f"\n## history: {layers} layers x {experts} experts, memory (tracemalloc) and pickled state_dict")
     print(f"{'mode':8s} {'windows':>8s} {'held MB':>8s} {'peak MB':>8s} {'state KB':>9s} {'files MB':>9s} {'s':>6s}")
-    for mode in ("memory", "files"):
+    import pandas  # noqa: F401  (imported before tracing: module objects are not history)
+    import pyarrow.parquet  # noqa: F401
+
+    for mode in modes:
         with tempfile.TemporaryDirectory() as directory:
             generator = torch.Generator().manual_seed(0)
             tracemalloc.start()
@@ -196,6 +202,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--only", choices=("history", "hook", "collect"))
+    parser.add_argument("--history-modes", default="memory,files", help="history section: memory, files or both")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
@@ -204,7 +211,7 @@ def main() -> None:
     if args.only in (None, "collect"):
         bench_collect(max(args.repeats, 60))
     if args.only in (None, "history"):
-        bench_history(args.windows)
+        bench_history(args.windows, args.history_modes.split(","))
 
 
 if __name__ == "__main__":
