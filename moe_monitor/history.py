@@ -223,7 +223,7 @@ class History:
         """
         if self._directory is not None:
             raise ValueError(f"the history is already written to {self._directory}; open it once")
-        pointer, self._pointer = self._pointer, None
+        pointer = self._pointer
         if directory is None:
             if pointer is None or pointer.get("directory") is None:
                 raise ValueError(
@@ -246,7 +246,7 @@ class History:
             raise FileExistsError(self._exists_message(path, existing))
         else:
             self._written = self._total - len(self._recent)
-        self._directory = path
+        self._directory, self._pointer = path, None
         recent = [w for i, w in self._indexed() if i >= self._written]
         self._guard(self._write_layers_csv, recent)
         self.flush()
@@ -261,13 +261,14 @@ class History:
         if self._directory is None:
             return
         if self._written < self._total and not self._broken:
-            jobs = self._part_jobs(self._written, [w for i, w in self._indexed() if i >= self._written])
+            # The list keeps the windows alive when the tail evicts them; a window's arrays are never changed.
+            windows = [w for i, w in self._indexed() if i >= self._written]
             self._wait()
             if not self._broken:
-                self._written = self._total
+                first, self._written = self._written, self._total
                 if self._writer is None:
                     self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe_monitor-history")
-                self._pending = self._writer.submit(_run, jobs)
+                self._pending = self._writer.submit(self._write_part, first, windows)
         if wait:
             self._wait()
 
@@ -307,15 +308,14 @@ class History:
             return
         _append_csv(self._directory / "layers.csv", self._layer_columns(windows))
 
-    def _part_jobs(self, first: int, windows: list[_Window]) -> list[tuple]:
-        """The writes of one part, as ``(function, *args)``: the columns are built now (from windows the tail may
-        evict later), the encoding runs in the writer thread."""
+    def _write_part(self, first: int, windows: list[_Window]) -> None:
+        """Writes one part (in the writer thread: it reads only the windows given and fixed attributes)."""
         name = f"part-{first:09d}"
         if _has_pyarrow():
-            parts = {"layers": self._layer_columns(windows), "experts": self._expert_columns(windows)}
-            folder = self._directory
-            return [(_write_parquet, c, folder / f"{stem}.parquet" / f"{name}.parquet") for stem, c in parts.items()]
-        return [(_append_csv, self._directory / "experts.csv", self._expert_columns(windows))]
+            for stem, columns in (("layers", self._layer_columns(windows)), ("experts", self._expert_columns(windows))):
+                _write_parquet(columns, self._directory / f"{stem}.parquet" / f"{name}.parquet")
+        else:
+            _append_csv(self._directory / "experts.csv", self._expert_columns(windows))
 
     # ------------------------------------------------------------------------------------------------ reading
     def layer_frame(self):
@@ -574,11 +574,6 @@ class _Coded:
 
     def objects(self) -> np.ndarray:
         return np.array(self.names + [""], dtype=object)[self.codes]
-
-
-def _run(jobs: list[tuple]) -> None:
-    for fn, *args in jobs:
-        fn(*args)
 
 
 class _Limited:
