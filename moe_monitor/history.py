@@ -251,6 +251,22 @@ class History:
         self._guard(self._write_layers_csv, recent)
         self.flush()
 
+    def recent_only(self) -> None:
+        """Keeps only the recent windows on purpose, with no warning when the oldest go: for the processes of a
+        distributed run other than the one that writes the files (:meth:`open` on rank zero).
+
+        Example:
+            >>> history = History(["r"], num_experts=[2], top_k=[1], keep_windows=1)
+            >>> history.recent_only()
+            >>> for step in (1, 2):
+            ...     history.append(Snapshot(step=step, phase="train", layer_names=["r"], num_experts=[2], top_k=[1],
+            ...         counts=torch.tensor([[1, 1]]), tokens=torch.tensor([2]), dropped=torch.tensor([0]),
+            ...         nonfinite_tokens=torch.tensor([0]), stats={}))
+            >>> history.layer_frame().step.tolist()
+            [2]
+        """
+        self._evicted_warned = True
+
     def flush(self, wait: bool = True) -> None:
         """Writes the windows not yet in part files (it runs by itself every few windows and at checkpoints).
 
