@@ -303,10 +303,11 @@ class History:
             return False
         try:
             fn(*args)
-        except OSError as error:
+        except Exception as error:  # noqa: BLE001 - a full disk, or an Arrow error in the writer thread
             self._broken = True
             warnings.warn(
-                f"moe_monitor: writing the history to {self._directory} failed ({error}); training goes on and the "
+                f"moe_monitor: writing the history to {self._directory} failed ({type(error).__name__}: {error}); "
+                "training goes on and the "
                 f"history is kept in memory only from here on (its last {self.keep_windows} windows): free space or "
                 "open another directory with monitor.history.open(DIR) in the next run",
                 RuntimeWarning,

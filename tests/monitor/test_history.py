@@ -258,3 +258,19 @@ def test_router_monitor_writes_the_history_dir_and_resumes(tmp_path):
     model(torch.randn(2, 3, 8))
     resumed.collect(6)
     assert resumed.layer_frame().step.tolist() == [s for s in range(1, 7) for _ in range(2)]
+
+
+def test_a_failing_part_write_in_the_writer_thread_warns_and_keeps_the_tail(tmp_path, monkeypatch):
+    h = History(NAMES, EXPERTS, TOP_K, capacity_factors=(1.0,), keep_windows=4)
+    h.open(tmp_path)
+
+    def broken(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(history, "_write_parquet", broken)
+    h._part_windows = 2
+    with pytest.warns(RuntimeWarning, match="Input/output error.*training goes on"):
+        for step in range(1, 6):
+            h.append(snap(step))
+        h.close()
+    check(h.expert_frame(), expected_experts([snap(step) for step in range(2, 6)]))
