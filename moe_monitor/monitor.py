@@ -6,7 +6,9 @@ Shape legend: ``L`` monitored router layers, ``E`` experts (largest of any layer
 Data path: router forward -> adapter ``extract`` -> :class:`~moe_monitor.routing.Routing` ->
 :func:`~moe_monitor.counters.forward_update` -> ``window[phase][device] [L, F]`` (float64, on the routers' device)
 -> ``collect``: sum over devices, one ``all_reduce``, one host copy -> :func:`moe_monitor.stats.compute` ->
-:class:`~moe_monitor.snapshot.Snapshot` + history rows -> ``layer_frame()`` / ``expert_frame()``.
+:class:`~moe_monitor.snapshot.Snapshot` -> :class:`~moe_monitor.history.History` (a bounded tail in memory, the full
+history in files beside the run) -> ``layer_frame()`` / ``expert_frame()``. This module keeps the hooks, the windows
+and ``collect``; the history, its frames, ``save`` and the checkpoint state live in :mod:`moe_monitor.history`.
 """
 
 from __future__ import annotations
