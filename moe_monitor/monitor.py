@@ -6,7 +6,9 @@ Shape legend: ``L`` monitored router layers, ``E`` experts (largest of any layer
 Data path: router forward -> adapter ``extract`` -> :class:`~moe_monitor.routing.Routing` ->
 :func:`~moe_monitor.counters.forward_update` -> ``window[phase][device] [L, F]`` (float64, on the routers' device)
 -> ``collect``: sum over devices, one ``all_reduce``, one host copy -> :func:`moe_monitor.stats.compute` ->
-:class:`~moe_monitor.snapshot.Snapshot` + history rows -> ``layer_frame()`` / ``expert_frame()``.
+:class:`~moe_monitor.snapshot.Snapshot` -> :class:`~moe_monitor.history.History` (a bounded tail in memory, the full
+history in files beside the run) -> ``layer_frame()`` / ``expert_frame()``. This module keeps the hooks, the windows
+and ``collect``; the history, its frames, ``save`` and the checkpoint state live in :mod:`moe_monitor.history`.
 """
 
 from __future__ import annotations
@@ -25,29 +27,13 @@ from torch import nn
 from moe_monitor import stats
 from moe_monitor.counters import ExpertCountMismatch, Layout, forward_update
 from moe_monitor.families import NoRoutersFoundError, RouterLayer, RouterSpec, discover
+from moe_monitor.history import EXPERT_COLUMNS, LAYER_COLUMNS, History
 from moe_monitor.snapshot import STAT_NAMES, Snapshot
 
 __all__ = ["RouterMonitor", "NoRoutersFoundError", "RouterSpec", "LAYER_COLUMNS", "EXPERT_COLUMNS"]
 
-LAYER_COLUMNS: tuple[str, ...] = (
-    "step",
-    "phase",
-    "layer",
-    "layer_index",
-    "num_experts",
-    "top_k",
-    "tokens",
-    "assignments",
-    "dropped",
-    *STAT_NAMES,
-    "nonfinite_tokens",
-)
-"""Columns of :meth:`RouterMonitor.layer_frame`, followed by one ``counterfactual_drop@<cf>`` per capacity factor."""
-
-EXPERT_COLUMNS: tuple[str, ...] = ("step", "phase", "layer", "layer_index", "expert", "count", "load")
-"""Columns of :meth:`RouterMonitor.expert_frame`."""
-
-_STATE_VERSION = 1
+COACTIVATION_MAX_EXPERTS = 32
+"""Largest expert count for which ``coactivation="auto"`` counts co-activation (see :class:`RouterMonitor`)."""
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
@@ -106,11 +92,26 @@ class RouterMonitor:
         routers: optional manual registration: module names, modules and/or
             :class:`~moe_monitor.adapters.RouterSpec`; when given, only these are monitored.
         coactivation: count, for routers with ``top_k >= 2``, how often two experts are chosen for the same token
-            (``Snapshot.extras["coactivation"]``, ``[L, E, E]``).
+            (``Snapshot.extras["coactivation"]``, ``[L, E, E]``). ``"auto"`` (the default) counts it for routers of
+            at most :data:`COACTIVATION_MAX_EXPERTS` experts: it costs about ``(2E + 4) / d_model`` of the router's
+            own gate matmul per forward (6 % at 128 experts and width 4096) and ``E * E`` buffer entries per layer
+            (30 MB at 58 layers x 256 experts, all-reduced at every ``collect``); ``True`` counts it for every
+            router with ``top_k >= 2``.
         capacity_factors: capacity factors of the counterfactual drop rate of dropless routers.
+        history_dir: write the history to files in this directory as the run goes (see
+            :class:`~moe_monitor.history.History`; on one process only, rank zero); ``None`` keeps only the last
+            ``keep_windows`` windows, in memory.
+        keep_windows: windows kept in memory; ``None`` as many as fit in
+            :data:`~moe_monitor.history.MEMORY_BUDGET` bytes.
+
+    Attributes:
+        layers: the monitored routers, in model order.
+        history: the :class:`~moe_monitor.history.History` of closed windows.
 
     Raises:
         NoRoutersFoundError: the model has no recognisable router; the message says how to register one.
+        ValueError: an argument is out of range.
+        FileExistsError: ``history_dir`` holds another run's history (see :meth:`History.open`).
 
     Example:
         >>> from moe_monitor.adapters import RouterSpec
@@ -131,21 +132,38 @@ class RouterMonitor:
         model: nn.Module,
         routers: Sequence[str | nn.Module | RouterSpec] | None = None,
         *,
-        coactivation: bool = True,
+        coactivation: bool | str = "auto",
         capacity_factors: Sequence[float] = (1.0, 1.25),
+        history_dir: str | os.PathLike | None = None,
+        keep_windows: int | None = None,
     ) -> None:
         if any(not (isinstance(cf, (int, float)) and cf > 0) for cf in capacity_factors):
             raise ValueError(f"capacity_factors must be positive numbers, got {capacity_factors!r}")
+        if not (isinstance(coactivation, bool) or coactivation == "auto"):
+            raise ValueError(f"coactivation={coactivation!r} is not valid; choose True, False or 'auto'")
         self.layers: list[RouterLayer] = discover(model, routers)
-        self._coactivation = [coactivation and layer.top_k >= 2 for layer in self.layers]
+        auto = coactivation == "auto"
+        self._coactivation = [
+            layer.top_k >= 2 and (coactivation is True or (auto and layer.num_experts <= COACTIVATION_MAX_EXPERTS))
+            for layer in self.layers
+        ]
         self.layout = Layout(max(layer.num_experts for layer in self.layers), any(self._coactivation), capacity_factors)
+        self.history = History(
+            [layer.name for layer in self.layers],
+            [layer.num_experts for layer in self.layers],
+            [layer.top_k for layer in self.layers],
+            capacity_factors,
+            keep_windows,
+        )
+        if history_dir is not None:
+            self.history.open(history_dir)
         self._windows: dict[str, dict[torch.device, torch.Tensor]] = {}
         self._phase_override: str | None = None
         self._mask_T: torch.Tensor | None = None
         self._mask_by_device: dict[torch.device, torch.Tensor] = {}
         self._mask_mismatch_warned = False
         self._disabled: set[int] = set()
-        self._history: list[dict[str, Any]] = []
+        self._advice = [_advice(layer) for layer in self.layers]
         self._handles = [layer.module.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(self.layers)]
 
     # ----------------------------------------------------------------------------------------------- hot path
@@ -189,26 +207,20 @@ class RouterMonitor:
                         # The row form: a compiled graph scales the update by the opaque forward weight.
                         self._buffer(phase, update_F.device)[index].add_(update_F * _forward_weight(update_F))
             except Exception as error:  # noqa: BLE001 - the monitor must never kill the step it watches
-                self._disabled.add(index)
-                if isinstance(error, ExpertCountMismatch):
-                    advice = (
-                        f"; if the router really has {error.width} experts, register it with "
-                        f"RouterSpec(name={layer.name!r}, num_experts={error.width}, top_k={layer.top_k})"
-                    )
-                else:
-                    advice = (
-                        "; if the router's output is not what its adapter expects, register it with your own "
-                        f"extraction function: RouterSpec(name={layer.name!r}, num_experts={layer.num_experts}, "
-                        f"top_k={layer.top_k}, extract=fn), fn(module, args, output) -> moe_monitor.routing.Routing"
-                    )
-                warnings.warn(
-                    f"moe_monitor: reading router {layer.name!r} failed ({type(error).__name__}: {error}); "
-                    f"this layer is no longer monitored (its statistics are NaN from now on){advice}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                self._disable(index, error)
 
         return hook
+
+    def _disable(self, index: int, error: Exception) -> None:
+        self._disabled.add(index)
+        mismatch, otherwise = self._advice[index]
+        advice = str(error.width).join(mismatch) if isinstance(error, ExpertCountMismatch) else otherwise
+        warnings.warn(
+            f"moe_monitor: reading router {self.layers[index].name!r} failed ({type(error).__name__}: {error}); "
+            f"this layer is no longer monitored (its statistics are NaN from now on){advice}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _buffer(self, phase: str, device: torch.device) -> torch.Tensor:
         window = self._windows.setdefault(phase, {})
@@ -356,7 +368,7 @@ class RouterMonitor:
         """
         layout = self.layout
         host_LF = self._reduce(phase)
-        num_experts_L = torch.tensor([layer.num_experts for layer in self.layers])
+        num_experts_L = torch.tensor(self.history.num_experts)
         column = {name: host_LF[:, layout.scalar(name)] for name in layout.scalar_names}
         counts_LE = host_LF[:, layout.counts]
         disabled_L = column["disabled"] > 0
@@ -390,9 +402,9 @@ class RouterMonitor:
         snapshot = Snapshot(
             step=int(step),
             phase=phase,
-            layer_names=[layer.name for layer in self.layers],
-            num_experts=[layer.num_experts for layer in self.layers],
-            top_k=[layer.top_k for layer in self.layers],
+            layer_names=list(self.history.layer_names),
+            num_experts=list(self.history.num_experts),
+            top_k=list(self.history.top_k),
             counts=counts_LE.round().long(),
             tokens=column["tokens"].round().long(),
             dropped=column["dropped"].round().long(),
@@ -400,116 +412,41 @@ class RouterMonitor:
             stats=stat_values,
             extras=extras,
         )
-        self._history.append(_record(snapshot))
+        self.history.append(snapshot)
         return snapshot
 
     # ------------------------------------------------------------------------------------------- history
     def layer_frame(self):
-        """The history as a long-form ``pandas.DataFrame``, one row per (collect, layer).
+        """The history, one row per (collect, layer); see :meth:`moe_monitor.history.History.layer_frame`.
 
-        Columns: :data:`LAYER_COLUMNS` (``layer`` is the module path, as ``layers[i].name``; ``layer_index`` its
-        position ``i`` in model order),
-        then ``counterfactual_drop@<cf>`` per capacity factor (NaN for routers with a real capacity).
+        Every window when the history is written to files (``history_dir``), else the last ``keep_windows``.
         """
-        import pandas as pd
-
-        cf_columns = [f"counterfactual_drop@{float(cf)!r}" for cf in self.layout.capacity_factors]
-        rows = []
-        for record in self._history:
-            for i, name in enumerate(record["layer_names"]):
-                row = {
-                    "step": record["step"],
-                    "phase": record["phase"],
-                    "layer": name,
-                    "layer_index": i,
-                    "num_experts": record["num_experts"][i],
-                    "top_k": record["top_k"][i],
-                }
-                for key in ("tokens", "assignments", "dropped", *STAT_NAMES, "nonfinite_tokens", *cf_columns):
-                    row[key] = record["layer"][key][i]
-                rows.append(row)
-        frame = pd.DataFrame(rows, columns=[*LAYER_COLUMNS, *cf_columns])
-        return frame.astype({"step": "int64", "layer_index": "int64", "tokens": "int64", "assignments": "int64"})
+        return self.history.layer_frame()
 
     def expert_frame(self):
-        """The history as a long-form ``pandas.DataFrame``, one row per (collect, layer, expert of that layer).
-
-        Columns: :data:`EXPERT_COLUMNS`; ``load = count / assignments`` of the layer (NaN for an empty window).
-        """
-        import numpy as np
-        import pandas as pd
-
-        # Vectorised per window: a long run has millions of (window, layer, expert) rows.
-        columns: dict[str, list] = {name: [] for name in EXPERT_COLUMNS}
-        for record in self._history:
-            counts_LE = np.asarray(record["counts"], dtype=np.int64).reshape(len(record["layer_names"]), -1)
-            own_LE = np.arange(counts_LE.shape[1]) < np.asarray(record["num_experts"])[:, None]
-            layer_R, expert_R = np.nonzero(own_LE)
-            total_L = counts_LE.sum(axis=1)
-            count_R = counts_LE[layer_R, expert_R]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                load_R = np.where(total_L[layer_R] > 0, count_R / np.maximum(total_L[layer_R], 1), np.nan)
-            columns["step"].append(np.full(len(layer_R), record["step"], dtype=np.int64))
-            columns["phase"].append(np.full(len(layer_R), record["phase"], dtype=object))
-            columns["layer"].append(np.asarray(record["layer_names"], dtype=object)[layer_R])
-            columns["layer_index"].append(layer_R.astype(np.int64))
-            columns["expert"].append(expert_R.astype(np.int64))
-            columns["count"].append(count_R)
-            columns["load"].append(load_R.astype(np.float64))
-        if not self._history:
-            return pd.DataFrame({name: [] for name in EXPERT_COLUMNS})
-        return pd.DataFrame({name: np.concatenate(parts) for name, parts in columns.items()})
+        """The history, one row per (collect, layer, expert); see :meth:`moe_monitor.history.History.expert_frame`."""
+        return self.history.expert_frame()
 
     def save(self, path: str | os.PathLike) -> list[str]:
-        """Writes the history into directory ``path``: ``layers.csv``, ``experts.csv``, and ``.parquet`` twins
-        when pyarrow is installed. Returns the paths written.
-        """
-        os.makedirs(path, exist_ok=True)
-        written = []
-        frames = {"layers": self.layer_frame(), "experts": self.expert_frame()}
-        for stem, frame in frames.items():
-            csv_path = os.path.join(path, f"{stem}.csv")
-            frame.to_csv(csv_path, index=False)
-            written.append(csv_path)
-        try:
-            import pyarrow  # noqa: F401
-        except ModuleNotFoundError:
-            return written
-        for stem, frame in frames.items():
-            parquet_path = os.path.join(path, f"{stem}.parquet")
-            frame.to_parquet(parquet_path, index=False)
-            written.append(parquet_path)
-        return written
+        """Writes the history into directory ``path``; see :meth:`moe_monitor.history.History.save`."""
+        return self.history.save(path)
 
     def state_dict(self) -> dict[str, Any]:
-        """The history (plain Python lists, dicts, numbers and strings), for checkpointing."""
-        return {
-            "version": _STATE_VERSION,
-            "layer_names": [layer.name for layer in self.layers],
-            "history": list(self._history),
-        }
+        """A small checkpoint state; see :meth:`moe_monitor.history.History.state_dict`."""
+        return self.history.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the history saved by :meth:`state_dict` (the open windows are not part of it)."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"Unsupported RouterMonitor state version {state.get('version')!r}: this moe_monitor reads version "
-                f"{_STATE_VERSION}. The state was saved by another moe_monitor release; load it with that release, "
-                "or leave it out (do not call load_state_dict) to start a fresh history"
-            )
-        names = [layer.name for layer in self.layers]
-        if state["layer_names"] != names:
-            warnings.warn(
-                "moe_monitor: the restored history was recorded for other router layers "
-                f"({state['layer_names'][:3]}... vs {names[:3]}...)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self._history = list(state["history"])
+        """Restores :meth:`state_dict` (the open windows are not part of it).
+
+        Before any ``collect``; with a pointer to history files, :meth:`History.open` continues them (at once when
+        the history was opened already, e.g. with ``history_dir``).
+        """
+        self.history.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------------- lifetime
     def remove(self) -> None:
-        """Removes every hook (the history stays readable)."""
+        """Removes every hook and flushes the history files (the history stays readable)."""
+        self.history.close()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -524,27 +461,23 @@ class RouterMonitor:
         return f"RouterMonitor({len(self.layers)} routers: {[layer.name for layer in self.layers][:4]}...)"
 
 
+def _advice(layer: RouterLayer) -> tuple[tuple[str, ...], str]:
+    """What to do when reading ``layer`` fails: for an expert count mismatch (parts to join with the width seen),
+    and for any other error."""
+    mismatch = (
+        "; if the router really has ",
+        f" experts, register it with RouterSpec(name={layer.name!r}, num_experts=",
+        f", top_k={layer.top_k})",
+    )
+    otherwise = (
+        "; if the router's output is not what its adapter expects, register it with your own extraction function: "
+        f"RouterSpec(name={layer.name!r}, num_experts={layer.num_experts}, top_k={layer.top_k}, extract=fn), "
+        "fn(module, args, output) -> moe_monitor.routing.Routing"
+    )
+    return mismatch, otherwise
+
+
 def _buffer_dtype(device: torch.device) -> torch.dtype:
     # float64 counts are exact to 2**53; Apple's MPS has no float64, float32 there is exact to 2**24 per window.
     return torch.float32 if device.type == "mps" else torch.float64
 
-
-def _record(snapshot: Snapshot) -> dict[str, Any]:
-    """A history entry: the snapshot as plain Python data."""
-    layer = {
-        "tokens": snapshot.tokens.tolist(),
-        "assignments": snapshot.counts.sum(dim=1).tolist(),
-        "dropped": snapshot.dropped.tolist(),
-        "nonfinite_tokens": snapshot.nonfinite_tokens.tolist(),
-    }
-    layer.update({name: value.tolist() for name, value in snapshot.stats.items()})
-    layer.update({name: value.tolist() for name, value in snapshot.extras.items() if value.dim() == 1})
-    return {
-        "step": snapshot.step,
-        "phase": snapshot.phase,
-        "layer_names": list(snapshot.layer_names),
-        "num_experts": list(snapshot.num_experts),
-        "top_k": list(snapshot.top_k),
-        "counts": snapshot.counts.tolist(),
-        "layer": layer,
-    }

@@ -84,5 +84,39 @@ def test_state_dict_round_trip_is_plain_python(monitor):
 
 def test_state_of_another_version_says_what_to_do(monitor):
     state = {**monitor.state_dict(), "version": 99}
-    with pytest.raises(ValueError, match=r"state version 99: this moe_monitor reads version 1.*another moe_monitor"):
+    expected = r"state version 99: this moe_monitor reads versions 1 and 2.*load it with that release"
+    with pytest.raises(ValueError, match=expected):
         monitor.load_state_dict(state)
+
+
+def test_coactivation_auto_counts_it_only_for_routers_of_at_most_32_experts():
+    from monitor_toys import Replay, replay_spec
+    from torch import nn
+
+    generator = torch.Generator().manual_seed(0)
+    model = nn.ModuleDict({"small": Replay(), "large": Replay()})
+    specs = [replay_spec("small", 8, 2), replay_spec("large", 64, 2)]
+    for coactivation, expected in (("auto", [True, False]), (True, [True, True]), (False, [False, False])):
+        monitor = RouterMonitor(model, routers=specs, coactivation=coactivation)
+        shapes = (("small", 8), ("large", 64))
+        idx = {name: torch.rand(16, e, generator=generator).topk(2, dim=-1).indices for name, e in shapes}
+        for name, e in shapes:
+            model[name](torch.zeros(16, e), idx[name])
+        snap = monitor.collect(1)
+        monitor.remove()
+        if not any(expected):
+            assert "coactivation" not in snap.extras
+            continue
+        coact_LEE = snap.extras["coactivation"]
+        for layer, (name, e) in enumerate(shapes):
+            if not expected[layer]:
+                assert coact_LEE[layer].isnan().all()
+                continue
+            loop = torch.zeros(64, 64, dtype=torch.float64)
+            for a, b in idx[name].tolist():
+                loop[a, b] += 1
+                loop[b, a] += 1
+            loop[range(e), range(e)] = torch.bincount(idx[name].reshape(-1), minlength=e).double()[:e]
+            assert torch.equal(coact_LEE[layer, :e, :e], loop[:e, :e]), (coactivation, name)
+    with pytest.raises(ValueError, match="choose True, False or 'auto'"):
+        RouterMonitor(model, routers=specs, coactivation="sometimes")

@@ -1,0 +1,153 @@
+"""CUDA: no host sync under ``torch.cuda.set_sync_debug_mode("error")``, CUDA counts equal CPU counts, and the CPU
+side of ``benchmarks/gpu.py`` (so nothing in it runs for the first time on a GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+
+import pytest
+import torch
+from monitor_toys import Replay, ToyModel, replay_spec
+
+from moe_monitor import RouterMonitor
+from moe_monitor.reference import MoEConfig, MoETransformer
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@contextlib.contextmanager
+def sync_debug(mode: str):
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_steps_with_the_monitor_never_sync(autocast):
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = ToyModel(d=16, num_experts=8, top_k=2).to(device)  # experts computed densely: the model never syncs
+    monitor = RouterMonitor(model, routers=model.router_names, coactivation=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x_BSD = torch.randn(4, 32, 16, device=device)
+    mask_BS = torch.ones(4, 32, device=device)
+    mask_BS[0, 20:] = 0
+    context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+    def step() -> None:
+        with context:
+            loss = model(x_BSD).float().square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    monitor.set_token_mask(mask_BS)
+    step()  # warm-up: buffers, masks and the column maps are made once, outside the checked steps
+    monitor.collect(0)
+    with sync_debug("error"):
+        for _ in range(3):
+            step()
+        monitor.window_counts()
+    snap = monitor.collect(3)
+    assert snap.tokens.tolist() == [3 * (4 * 32 - 12)] * 2
+    assert snap.counts.sum(1).tolist() == [2 * 3 * (4 * 32 - 12)] * 2
+
+
+@needs_cuda
+def test_the_monitor_adds_no_sync_to_a_reference_training_step():
+    """The reference model may sync (expert dispatch); the monitor must not add one: count the sync warnings."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    config = MoEConfig.from_preset("tiny", n_layers=2, seq_len=32)
+    tokens_BS = torch.randint(0, config.vocab_size, (4, 33), device=device)
+
+    def syncs(with_monitor: bool) -> int:
+        torch.manual_seed(0)
+        model = MoETransformer(config).to(device)
+        monitor = RouterMonitor(model) if with_monitor else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(tokens_BS[:, :-1])
+                loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss + out.z_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        step()
+        with warnings.catch_warnings(record=True) as caught, sync_debug("warn"):
+            warnings.simplefilter("always")
+            for _ in range(2):
+                step()
+        if monitor is not None:
+            assert monitor.collect(1).tokens.tolist() == [3 * 4 * 32] * 2
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(with_monitor=True) == syncs(with_monitor=False)
+
+
+@needs_cuda
+def test_cuda_counts_equal_cpu_counts():
+    generator = torch.Generator().manual_seed(5)
+    logits_TE = torch.randn(64, 8, generator=generator)
+    logits_TE[3, 2] = float("-inf")
+    idx_TK = logits_TE.topk(2, dim=-1).indices
+    snaps = {}
+    for device in ("cpu", "cuda"):
+        model = torch.nn.Sequential(Replay())
+        monitor = RouterMonitor(model, routers=[replay_spec("0", 8, 2)], coactivation=True)
+        model(logits_TE.to(device), idx_TK.to(device))
+        snaps[device] = monitor.collect(1)
+    assert torch.equal(snaps["cpu"].counts, snaps["cuda"].counts)
+    for name, value in snaps["cpu"].stats.items():
+        torch.testing.assert_close(snaps["cuda"].stats[name], value, equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert torch.equal(snaps["cpu"].extras["coactivation"], snaps["cuda"].extras["coactivation"])
+
+
+# --------------------------------------------------------------------------------------- benchmarks/gpu.py on CPU
+def _gpu_script():
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", os.path.join(ROOT, "benchmarks", "gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_script_names_cuda_tests_that_exist():
+    gpu = _gpu_script()
+    command = gpu.cuda_test_command("python")
+    assert command[:3] == ["python", "-m", "pytest"]
+    for target in gpu.CUDA_TESTS:
+        path, _, name = target.partition("::")
+        assert os.path.exists(os.path.join(ROOT, path)), target
+        if name:
+            with open(os.path.join(ROOT, path)) as file:
+                assert f"def {name}(" in file.read(), target
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--sections", "tokens,nope"])
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_quick_on_cpu(capsys):
+    gpu = _gpu_script()
+    torch.manual_seed(0)
+    assert gpu.main(["--device", "cpu", "--quick"]) == 0
+    out = capsys.readouterr().out
+    for line in ("tiny     loop", "tiny     grouped", "every50", "naive", "skipped: not on a CUDA device",
+                 "PASS: counts equal a top-k of output_router_logits", "all checks passed"):
+        assert line in out, line
+
+
+def test_set_dispatch_reaches_every_moe_layer():
+    gpu = _gpu_script()
+    model = MoETransformer(MoEConfig.from_preset("tiny", n_layers=3, seq_len=8))
+    assert gpu.set_dispatch(model, "grouped") == 3
+    assert {m.dispatch for m in model.modules() if hasattr(m, "dispatch")} == {"grouped"}
