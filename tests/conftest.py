@@ -12,9 +12,10 @@ import pytest
 import torch
 from seeds import SEED_OFFSET, THREADS
 
-# --doctest-modules would import this file once more as a test module named "conftest", a name the directories'
-# own conftest.py files hold by then ("import file mismatch"); it has no doctests.
+# --doctest-modules would import the conftest.py files once more as test modules, all named "conftest" ("import file
+# mismatch" as soon as two directories are collected in one run); they have no doctests.
 collect_ignore = ["conftest.py"]
+collect_ignore_glob = ["*/conftest.py"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
