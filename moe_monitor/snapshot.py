@@ -22,7 +22,6 @@ STAT_NAMES: tuple[str, ...] = (
     "z_loss",
     "router_entropy",
     "top1_confidence",
-    "unrouted_fraction",  # tokens no expert selected / tokens (expert choice leaves some; token choice none)
 )
 
 

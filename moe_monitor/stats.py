@@ -125,7 +125,7 @@ def compute(
     drop_unknown_L: torch.Tensor | None = None,
     unrouted_L: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every SPEC §3 statistic (keys as ``moe_monitor.snapshot.STAT_NAMES``) from a window's reduced sums.
+    """Every SPEC §3 statistic (keys as ``moe_monitor.snapshot.STAT_NAMES``, plus ``unrouted_fraction``).
 
     ``prob_tokens_L`` / ``logit_tokens_L`` are the tokens whose probabilities / logits were known: 0 makes the
     statistics that need them NaN. ``drop_unknown_L`` > 0 (assignments of a router with a capacity that did not

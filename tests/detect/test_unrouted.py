@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from detect_toys import MICRO
 
@@ -53,7 +55,8 @@ def test_expert_choice_at_capacity_001_alerts_on_the_tokens_it_leaves_unrouted()
 
 def test_unrouted_rule_has_patience_recovers_and_can_be_switched_off():
     def snap(step: int, fraction: float):
-        return make_snapshot([[10, 10, 10, 10]], step=step, unrouted_fraction=[fraction])
+        plain = make_snapshot([[10, 10, 10, 10]], step=step)
+        return replace(plain, stats={**plain.stats, "unrouted_fraction": torch.tensor([fraction], dtype=torch.float64)})
 
     detector = CollapseDetector(patience=2, recovery=1)
     assert [e.rule for e in detector.update(snap(1, 0.5))] == []
