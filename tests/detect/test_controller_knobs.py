@@ -264,3 +264,26 @@ def test_lightning_refuses_two_monitors_with_bias_controllers_on_one_model(tmp_p
     second = MoEMonitor(controllers=[ExpertBiasController()], log_every_n_steps=2)
     with pytest.raises(ValueError, match=r"model\.blocks\.0\.moe\.router\.expert_bias is already turned"):
         trainer(tmp_path, [first, second]).fit(tiny_lm(), datamodule=make_data())
+
+
+@pytest.mark.filterwarnings("ignore:.*no logger")
+def test_lightning_run_with_a_bias_set_to_none_mid_run_warns_once_and_reports_it(tmp_path):
+    lm = tiny_lm()
+
+    class DropBias(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                lm.model.blocks[1].moe.router.expert_bias = None
+
+    bias = ExpertBiasController(rate=1e-2)
+    callback = MoEMonitor(controllers=[bias], log_every_n_steps=3)
+    with pytest.warns(RuntimeWarning) as caught:
+        trainer(tmp_path, [DropBias(), callback]).fit(lm, datamodule=make_data())
+    lost_warnings = [w for w in caught if "stopped turning" in str(w.message)]
+    assert len(lost_warnings) == 1 and "model.blocks.1.moe.router.expert_bias" in str(lost_warnings[0].message)
+    lost = [e for e in callback.events if e.rule == "knob_lost"]
+    assert [(e.layer, e.step) for e in lost] == [(f"model.{LAYER1}", 3)]
+    later = [e for e in callback.events if e.kind == "control" and e.layer == f"model.{LAYER1}" and e.step > 3]
+    assert later == []
+    assert bias.metrics()["controller/bias/active_knobs"] == 1.0 and bias.active
+    assert lm.model.blocks[0].moe.router.expert_bias.abs().max() > 0  # the other layer is still balanced
