@@ -186,6 +186,7 @@ def forward_update(
     counterfactual: bool = False,
     dropless: bool = True,
     out_F: torch.Tensor | None = None,
+    unrouted: bool = True,
 ) -> torch.Tensor:
     """What one router forward adds to its layer's row of the window buffer: ``float64 [F]``, on the router's device.
 
@@ -204,6 +205,9 @@ def forward_update(
             ``False`` such a forward's assignments count as ``drop_unknown`` (its dropped fraction is not known).
         out_F: the ``[F]`` buffer row to add the update to (float64, or float32 on MPS); ``None`` adds it to a new
             zero row.
+        unrouted: count the tokens no expert selected (``unrouted_tokens``). A caller that knows every token is
+            routed (token choice without "no expert" marks: each token gets its ``k`` experts) may pass ``False``
+            to save the two ops per forward; the count then reads 0.
 
     Returns:
         ``out_F``, or the new row.
@@ -223,10 +227,12 @@ def forward_update(
     # Under the caller's autocast (bf16-mixed training) the matrix product below would run in bf16 and round the
     # sums (z_loss, aux_loss, co-activation counts above 256); the router statistics are defined in fp32.
     if not _autocast_on(device):  # entering an autocast context costs more than this check
-        _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless, out_F)
+        _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless, out_F, unrouted)
     else:
         with torch.autocast(device.type, enabled=False):
-            _update(routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless, out_F)
+            _update(
+                routing, num_experts, top_k, layout, mask_T, coactivation, counterfactual, dropless, out_F, unrouted
+            )
     return out_F
 
 
@@ -245,6 +251,7 @@ def _update(
     counterfactual: bool,
     dropless: bool,
     out_F: torch.Tensor,
+    unrouted: bool,
 ) -> None:
     # Every per-token quantity is a row of one matrix values_CT (rows named by WorkColumns) and every sum over
     # tokens comes out of one matrix product, then one index_add_ scatters the sums into the row: a few dozen small
@@ -280,9 +287,9 @@ def _update(
     values_CT = torch.zeros(col.width, num_tokens, dtype=torch.float32, device=device)
     values_CT.view(-1).index_add_(0, routing.token_idx_A.add(clamped_A, alpha=num_tokens), in_range_A)
     valid_1T = values_CT[col.valid]
-    # Expert choice leaves tokens that no expert picked; they are routed nowhere and would otherwise go uncounted.
-    unrouted_1T = values_CT[col.unrouted]
-    torch.sum(values_CT[col.dispatch], dim=0, keepdim=True, out=unrouted_1T).eq_(0.0)
+    if unrouted:
+        # Expert choice leaves tokens no expert picked: routed nowhere, they would otherwise go uncounted.
+        torch.sum(values_CT[col.dispatch], dim=0, keepdim=True, out=values_CT[col.unrouted]).eq_(0.0)
 
     if has_probs:
         # A token with a NaN or +inf logit (or a non-finite probability) is counted apart and masked out of every

@@ -183,3 +183,16 @@ def test_counts_and_router_statistics_in_any_dtype_against_a_loop(dtype, default
         torch.logsumexp(logits64_TE, -1).square().sum().item(), rel=1e-5
     )
     assert row_F[layout.prob_sum].tolist() == pytest.approx(torch.softmax(logits64_TE, -1).sum(0).tolist(), rel=1e-5)
+
+
+def test_unrouted_count_can_be_skipped_by_a_caller_that_routes_every_token():
+    idx_TK = torch.tensor([[0, 1], [-1, 4]])
+    layout = Layout(num_experts=4, coactivation=False, capacity_factors=())
+    skipped_F = forward_update(Routing.from_topk(idx_TK), 4, 2, layout, unrouted=False)
+    counted_F = forward_update(Routing.from_topk(idx_TK), 4, 2, layout)
+    assert (skipped_F[layout.scalar("unrouted_tokens")].item(), counted_F[layout.scalar("unrouted_tokens")].item()) == (
+        0.0,
+        1.0,
+    )
+    other = [c for c in range(layout.width) if c != layout.scalar("unrouted_tokens")]
+    assert torch.equal(skipped_F[other], counted_F[other])
