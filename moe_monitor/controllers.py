@@ -122,6 +122,11 @@ class Controller:
 
     Args:
         triggers: detector rules that count as a collapse for this controller.
+
+    Example:
+        >>> ctl = AuxLossController()
+        >>> isinstance(ctl, Controller), ctl.active, ctl.firing(["blocks.0.moe.router"])  # before setup
+        (True, False, False)
     """
 
     name: str = "controller"
@@ -133,7 +138,6 @@ class Controller:
         self._firing: set[tuple[str, str]] = set()
         self._pending: dict[str, Any] | None = None
         self._model: nn.Module | None = None
-        self._monitor: Any = None
         self._lost_events: list[CollapseEvent] = []
         self._step = 0  # the latest step seen, for the event of a knob found lost
 
@@ -146,7 +150,7 @@ class Controller:
         """
         knobs = list(self._bind(model, [(layer, layer_knobs(model, layer)) for layer in _layers(monitor)]) or ())
         self._claim(model, monitor, knobs)
-        self._model, self._monitor, self.knobs = model, monitor, knobs
+        self._model, self.knobs = model, knobs
         self._lost_events = []
         if self._pending is not None:
             state, self._pending = self._pending, None
@@ -789,7 +793,7 @@ class ExpertBiasController(Controller):
         self._last_reported = self.updates
         for i, bias_E in biases.items():
             name = self.knobs[i].label
-            b = bias_E.detach().float().cpu()
+            b = bias_E.detach().double().cpu()
             lo, hi = int(b.argmin()), int(b.argmax())
             spread = float(b[hi] - b[lo])
             before = self._reported_range.get(name)
@@ -814,7 +818,7 @@ class ExpertBiasController(Controller):
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for i, bias_E in self._biases():
-            b = bias_E.detach().float().cpu()
+            b = bias_E.detach().double().cpu()
             out[f"controller/{self.name}/{self.knobs[i].label}/max_abs"] = float(b.abs().max())
             out[f"controller/{self.name}/{self.knobs[i].label}/range"] = float(b.max() - b.min())
         out[f"controller/{self.name}/updates"] = float(self.updates)
