@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from moe_monitor import stats
-from moe_monitor.adapters import NoRoutersFoundError, RouterLayer, RouterSpec, discover
 from moe_monitor.counters import ExpertCountMismatch, Layout, forward_update
+from moe_monitor.families import NoRoutersFoundError, RouterLayer, RouterSpec, discover
 from moe_monitor.snapshot import STAT_NAMES, Snapshot
 
 __all__ = ["RouterMonitor", "NoRoutersFoundError", "RouterSpec", "LAYER_COLUMNS", "EXPERT_COLUMNS"]

@@ -1,4 +1,4 @@
-"""Hugging Face transformers (5.x) MoE routers, found with no configuration.
+"""Family: Hugging Face transformers (5.x) MoE routers, found with no configuration.
 
 Shape legend: ``T`` tokens in one forward, ``E`` experts, ``k`` experts chosen per token.
 
@@ -15,7 +15,11 @@ transformers 5.x declares, on every MoE model class, which module produces the r
   that are a bare ``nn.Linear`` returning logits are handled the same way, ``k`` read from the model config).
 
 Sigmoid-scored routers (DeepSeek-V3 and its descendants, recognised by an ``e_score_correction_bias`` buffer or a
-``scoring_func="sigmoid"`` config; Llama 4) get :func:`moe_monitor.adapters.sigmoid_probs` as probabilities.
+``scoring_func="sigmoid"`` config; Llama 4) get :func:`moe_monitor.families.base.sigmoid_probs` as probabilities.
+
+Knobs: the model-wide ``router_aux_loss_coef`` on the ``...ForCausalLM`` module and its config (inert unless
+``config.output_router_logits``), Mixtral-style ``jitter_noise`` on the MoE block, DeepSeek-V3's
+``e_score_correction_bias`` buffer: the conventions :func:`moe_monitor.knobs.generic_knobs` looks up.
 """
 
 from __future__ import annotations
@@ -27,8 +31,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_monitor.adapters import Extract, RouterLayer, logits_extract, module_num_experts, module_top_k, sigmoid_probs
+from moe_monitor.families.base import (
+    Extract,
+    RouterLayer,
+    module_num_experts,
+    module_top_k,
+    output_extract,
+    sigmoid_probs,
+)
+from moe_monitor.knobs import generic_knobs
 from moe_monitor.routing import Routing
+
+NAME = "hf"
+SEARCHED = (
+    "Hugging Face transformers MoE routers: the classes in a model's _can_record_outputs['router_logits'] "
+    "(Mixtral, Qwen2-MoE, OLMoE, Switch Transformers, DeepSeek-V3 and every family following that contract); "
+    "older Hugging Face gates: an nn.Linear named '...gate' or '...router' with config.num_experts outputs"
+)
 
 _CONFIG_TOP_K = ("num_experts_per_tok", "top_k", "moe_topk", "num_selected_experts", "moe_k", "router_topk")
 _CONFIG_NUM_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -150,12 +169,12 @@ def _layer(name: str, module: nn.Module, index: int, config: Any, adapter: str) 
         return None
     sigmoid = _is_sigmoid(module, config)
     if adapter == "hf-linear":
-        extract = logits_extract(top_k, probs="sigmoid" if sigmoid else "softmax")
+        extract = output_extract(top_k, probs="sigmoid" if sigmoid else "softmax", num_experts=num_experts)
     else:
         extract = tuple_extract(index, num_experts, top_k, sigmoid)
     # Routers with a fixed expert capacity (Switch) drop assignments; the rest are dropless.
     dropless = getattr(module, "expert_capacity", None) is None
-    meta = {"probs": "sigmoid-normalised" if sigmoid else "softmax"}
+    meta = {"probs": "sigmoid-normalised" if sigmoid else "softmax", "knobs": generic_knobs, "logits": "router output"}
     return RouterLayer(name, module, num_experts, top_k, extract, "token_choice", dropless, adapter, meta)
 
 

@@ -1,10 +1,12 @@
-"""The reference model's router (``moe_monitor.reference.router.Router``).
+"""Family: the reference model's router (``moe_monitor.reference.router.Router``).
 
 Shape legend: ``T`` tokens in one forward, ``E`` experts, ``A`` assignments.
 
 Its forward returns a ``RouterOutput`` named tuple that already is, field for field, a :class:`Routing`:
 ``logits_TE`` and ``probs_TE`` (fp32), ``token_idx_A``/``expert_idx_A`` (int64), ``kept_A`` (``False`` = dropped for
-capacity). The router is matched by class name and module so that this adapter never imports the reference model.
+capacity). The router is matched by class name and module so that this family never imports the reference model.
+
+Knobs: the router's ``aux_loss_coef``, its noise (``noise`` kind + ``noise_std``) and its ``expert_bias`` buffer.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from typing import Any
 
 from torch import nn
 
-from moe_monitor.adapters import RouterLayer
+from moe_monitor.families.base import RouterLayer
+from moe_monitor.knobs import KnobRef, LayerKnobs
 from moe_monitor.routing import Routing
 
+NAME = "reference"
+SEARCHED = "moe_monitor.reference.router.Router (the reference model)"
 _CLASS = ("moe_monitor.reference.router", "Router")
 
 
@@ -50,13 +55,32 @@ def live(module: nn.Module) -> tuple[str, bool]:
     return getattr(module, "kind", "token_choice"), getattr(module, "capacity_factor", None) is None
 
 
-def describe(name: str, module: nn.Module) -> RouterLayer | None:
+def knobs(model: nn.Module, layer_path: str) -> LayerKnobs:
+    """The reference router's balancing knobs.
+
+    Example:
+        >>> from moe_monitor.reference import MoEConfig, MoETransformer
+        >>> config = MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, d_expert=8, expert_bias=True)
+        >>> knobs(MoETransformer(config), "blocks.0.moe.router").expert_bias.label
+        'blocks.0.moe.router.expert_bias'
+    """
+    router = model.get_submodule(layer_path)
+    has_bias = getattr(router, "expert_bias", None) is not None
+    return LayerKnobs(
+        aux_loss_coef=(KnobRef(layer_path, "aux_loss_coef"),),
+        noise=(KnobRef(layer_path, "noise"), KnobRef(layer_path, "noise_std")),
+        expert_bias=KnobRef(layer_path, "expert_bias") if has_bias else None,
+    )
+
+
+def describe(name: str, module: nn.Module, model: nn.Module | None = None) -> RouterLayer | None:
     """The :class:`RouterLayer` of a reference router, else ``None``."""
     if not is_reference_router(module):
         return None
     kind, dropless = live(module)
+    meta = {"knobs": knobs, "logits": "the router's output", "probs": "softmax"}
     return RouterLayer(
-        name, module, int(module.n_experts), int(module.top_k), extract, kind, dropless, "reference", live=live
+        name, module, int(module.n_experts), int(module.top_k), extract, kind, dropless, NAME, meta, live=live
     )
 
 
