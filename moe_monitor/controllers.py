@@ -94,8 +94,10 @@ def _attached(monitor: Any) -> bool:
     return monitor is not None and bool(getattr(monitor, "_handles", True))
 
 
-# Which live controller turns which knob of a model: model -> knob label -> (controller, its monitor).
-_CLAIMS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[weakref.ref, weakref.ref]]] = weakref.WeakKeyDictionary()
+# Which live controller turns which knob of a model: model -> knob identity -> (controller, its monitor).
+_CLAIMS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[weakref.ref, weakref.ref]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass
@@ -234,7 +236,7 @@ class Controller:
         claims = _CLAIMS.setdefault(model, {})
         for knob in knobs:
             for ref in knob.refs:
-                holder = claims.get(ref.label)
+                holder = claims.get(_identity(model, ref))
                 other = None if holder is None else holder[0]()
                 other_monitor = None if holder is None else holder[1]()
                 if other is None or other is self or other._model is not model or not _attached(other_monitor):
@@ -248,7 +250,7 @@ class Controller:
                 )
         for knob in knobs:
             for ref in knob.refs:
-                claims[ref.label] = (weakref.ref(self), weakref.ref(monitor))
+                claims[_identity(model, ref)] = (weakref.ref(self), weakref.ref(monitor))
 
     # Subclass hooks.
     def _bind(self, model: nn.Module, layers: list[tuple[Any, LayerKnobs]]) -> list[_Knob]:
@@ -280,12 +282,24 @@ def _event(step: int, label: str, rule: str, new: float, old: float, text: str) 
     return CollapseEvent(step, "train", label, rule, float(new), float(old), "info", text, (), "control")
 
 
-def _group(layers: list[tuple[Any, tuple[KnobRef, ...]]]) -> list[tuple[tuple[KnobRef, ...], tuple[str, ...]]]:
+def _identity(model: nn.Module, ref: KnobRef) -> tuple[int, str]:
+    """What a ref points at: two paths to one object's attribute (e.g. every Megatron-Core router's shared
+    ``config.moe_aux_loss_coeff``) are one knob."""
+    try:
+        return id(ref.owner(model)), ref.attr.split(".")[-1]
+    except AttributeError:
+        return id(None), ref.label
+
+
+def _group(
+    model: nn.Module, layers: list[tuple[Any, tuple[KnobRef, ...]]]
+) -> list[tuple[tuple[KnobRef, ...], tuple[str, ...]]]:
     """Layers that share one knob (a model-wide weight) grouped together, in model order."""
-    groups: dict[tuple[KnobRef, ...], list[str]] = {}
+    groups: dict[tuple, tuple[tuple[KnobRef, ...], list[str]]] = {}
     for layer, refs in layers:
-        groups.setdefault(refs, []).append(layer.name)
-    return [(refs, tuple(names)) for refs, names in groups.items()]
+        key = tuple(_identity(model, ref) for ref in refs)
+        groups.setdefault(key, (refs, []))[1].append(layer.name)
+    return [(refs, tuple(names)) for refs, names in groups.values()]
 
 
 class _AlertKnobController(Controller):
@@ -429,7 +443,7 @@ class AuxLossController(_AlertKnobController):
         if inert:
             raise ValueError(f"AuxLossController: {inert} (or leave AuxLossController out of the controllers).")
         out = []
-        for refs, names in _group([(layer, knobs.aux_loss_coef) for layer, knobs in layers]):
+        for refs, names in _group(model, [(layer, knobs.aux_loss_coef) for layer, knobs in layers]):
             value = refs[0].get(model)
             if not _is_number(value):
                 raise ValueError(f"AuxLossController: {refs[0].label} is {value!r}, not a number.")
@@ -724,7 +738,8 @@ class ExpertBiasController(Controller):
                 raise ValueError(
                     f"ExpertBiasController needs a per-expert selection bias, but layer {layer.name!r} has none. "
                     "Build the reference model with MoEConfig(expert_bias=True) (router buffer `expert_bias`), or "
-                    "use a Hugging Face DeepSeek-V3 model (router buffer `e_score_correction_bias`)."
+                    "use a model whose family has one: Hugging Face DeepSeek-V3 (`e_score_correction_bias`), "
+                    "torchtitan (`expert_bias_E`), OLMo-core (`score_bias`), Megatron-Core (`expert_bias`)."
                 )
             if getattr(model.get_submodule(ref.path), "kind", "token_choice") == "expert_choice":
                 raise ValueError(
