@@ -17,6 +17,8 @@ _EXPORTS = {
     "RouterSpec": "moe_monitor.adapters",
     "Routing": "moe_monitor.routing",
     "MoEMonitor": "moe_monitor.callback",
+    "Watcher": "moe_monitor.watcher",
+    "audit": "moe_monitor.audit",
     "CollapseDetector": "moe_monitor.detect",
     "CollapseEvent": "moe_monitor.detect",
     "AuxLossController": "moe_monitor.controllers",

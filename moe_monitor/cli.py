@@ -1,8 +1,10 @@
 """The ``moe-monitor`` command line.
 
-``moe-monitor train`` trains the reference MoE transformer on the bundled corpus with Lightning. The parser is
-built from one function per subcommand (``add_train_parser``), and every callback of the run comes from
-:func:`build_callbacks`, so a new subcommand or callback is one function.
+``moe-monitor train`` trains the reference MoE transformer on the bundled corpus with Lightning (checkpoints every
+``--ckpt-every`` steps, ``--resume PATH|last`` continues a run in its own folder); ``moe-monitor report`` writes the
+HTML report of finished runs; ``moe-monitor audit`` checks a saved checkpoint's routing. The parser is built from one
+function per subcommand (``add_train_parser``), and every callback of the run comes from :func:`build_callbacks`, so
+a new subcommand or callback is one function.
 
 Example:
     >>> args = build_parser().parse_args(["train", "--experts", "4", "--capacity-factor", "none"])
@@ -16,6 +18,8 @@ import argparse
 import importlib.util
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,11 +64,41 @@ def capacity_factor_arg(text: str) -> float | None:
     return value
 
 
+def logger_arg(text: str) -> tuple[str, ...]:
+    """Parses ``--logger``: one or more of :data:`LOGGER_CHOICES`, comma-separated, or ``none``.
+
+    Example:
+        >>> logger_arg("tensorboard, csv"), logger_arg("none")
+        (('tensorboard', 'csv'), ())
+    """
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if names == ["none"]:
+        return ()
+    unknown = [name for name in names if name not in LOGGER_CHOICES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of loggers; choose one or more of {', '.join(LOGGER_CHOICES)} separated by "
+            "commas (e.g. tensorboard,csv), or none"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def preset_defaults(key: str) -> str:
+    """The value of a training default in each preset, for ``--help``.
+
+    Example:
+        >>> preset_defaults("steps")
+        'tiny 1000, small 2000, base 10000'
+    """
+    return ", ".join(f"{preset} {TRAIN_DEFAULTS[preset][key]:g}" for preset in PRESET_NAMES)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not for unset options that fall back to the preset)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
+        # Identity, not equality: a default of 0 is worth showing (0 == False).
+        if any(action.default is blank for blank in (None, False, argparse.SUPPRESS)) or action.default in ("", ()):
             return action.help
         return super()._get_help_string(action)
 
@@ -97,9 +131,21 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     model.add_argument("--expert-bias", action="store_true", help="give routers a selection-only expert bias")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps (preset default)")
-    train.add_argument("--batch-size", type=int, default=None, help="sequences per step (preset default)")
-    train.add_argument("--lr", type=float, default=None, help="peak learning rate (preset default)")
+    train.add_argument(
+        "--steps", type=int, default=None, help=f"optimizer steps (default per preset: {preset_defaults('steps')})"
+    )
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"sequences per step (default per preset: {preset_defaults('batch_size')})",
+    )
+    train.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"peak learning rate (default per preset: {preset_defaults('lr')}; a --scenario may set its own)",
+    )
     train.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default: 5%% of steps)")
     train.add_argument("--seed", type=int, default=0, help="seed of the weights and of the training windows")
     train.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
@@ -115,7 +161,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--control",
         default="",
         help="comma-separated controllers that repair a collapse: aux (aux-loss weight), noise (router noise), "
-        "bias (selection-only expert bias; turns on --expert-bias)",
+        "bias (selection-only expert bias; turns on --expert-bias) (default: none)",
     )
     monitor.add_argument("--stop-on-collapse", action="store_true", help="stop training at the first critical alert")
     monitor.add_argument("--log-expert-loads", action="store_true", help="also log one scalar per (layer, expert)")
@@ -128,40 +174,138 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     output = parser.add_argument_group("output")
     output.add_argument(
         "--logger",
-        choices=LOGGER_CHOICES,
+        type=logger_arg,
         default="tensorboard",
-        help="where metrics go (wandb: set WANDB_MODE=offline to log without an account)",
+        help=f"where metrics go: one or more of {', '.join(LOGGER_CHOICES)}, comma-separated, or none "
+        "(wandb: set WANDB_MODE=offline to log without an account)",
     )
     output.add_argument("--out", type=Path, default=Path("runs"), help="directory for logs and checkpoints")
     output.add_argument("--name", default="moe", help="run name (a subdirectory of --out)")
     output.add_argument("--log-every", type=int, default=10, help="log metrics every N steps")
+    output.add_argument("--wandb-project", default="moe-monitor", help="W&B project (with --logger wandb)")
+    output.add_argument("--wandb-entity", default=None, help="W&B entity, user or team (default: your W&B default)")
+    output.add_argument("--run-name", default=None, help="W&B display name of the run (default: --name)")
+
+    resume = parser.add_argument_group("checkpoints")
+    resume.add_argument(
+        "--ckpt-every",
+        type=int,
+        default=None,
+        help="write checkpoints/last.ckpt every N steps, and at the end (default: a tenth of --steps rounded up "
+        "to a multiple of --log-every, so that a resumed run keeps whole windows; 0: only at the end)",
+    )
+    resume.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH|last",
+        help="continue a run from a checkpoint (a .ckpt file or a run folder such as runs/moe/version_0), or "
+        "'last' for the newest checkpoints/last.ckpt under --out/--name; the run goes on in its own folder with "
+        "the options it was started with",
+    )
     parser.set_defaults(func=run_train)
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``moe-monitor`` parser with every subcommand."""
+    from moe_monitor import __version__
+
     parser = argparse.ArgumentParser(
         prog="moe-monitor", description="Watch, alert on and repair expert collapse in MoE routers."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(subparsers)
     add_report_parser(subparsers)
+    add_audit_parser(subparsers)
     return parser
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds the ``report`` subcommand: a self-contained HTML page of a finished run."""
+    """Adds the ``report`` subcommand: a self-contained HTML page of one finished run, or several side by side."""
     parser = subparsers.add_parser(
         "report",
-        help="write a self-contained HTML report of a finished run",
+        help="write a self-contained HTML report of finished runs",
         description="Write a self-contained HTML report (inline SVG charts, no JavaScript) of the routing history "
-        "that MoEMonitor saved under RUN_DIR (e.g. runs/moe/version_0).",
+        "that MoEMonitor saved under RUN_DIR (e.g. runs/moe/version_0, a W&B run folder, or any folder above the "
+        "history files). Several RUN_DIRs give one page that compares the runs side by side.",
     )
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output directory of a training run")
-    parser.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: RUN_DIR/moe_report.html)")
+    parser.add_argument(
+        "run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="output directory of a training run (one or more)"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="HTML file (default: RUN_DIR/moe_report.html, or FIRST_RUN_DIR/moe_compare.html for several runs)",
+    )
     parser.set_defaults(func=run_report)
     return parser
+
+
+def add_audit_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds the ``audit`` subcommand: the routing health of a saved model on a few batches."""
+    parser = subparsers.add_parser(
+        "audit",
+        help="check the routing of a saved model (Hugging Face folder or moe-monitor checkpoint)",
+        description="Run a saved MoE model on a few batches (eval mode, no gradients) and report the routing "
+        "health of every router layer: load, dead experts, MaxVio, entropy, what capacity factors 1.0 / 1.25 "
+        "would drop, router confidence, co-activation, and a verdict per layer. MODEL_DIR is a save_pretrained "
+        "folder of a Hugging Face model (read locally, nothing is downloaded), a .ckpt file of moe-monitor train, "
+        "or a run folder holding one.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="model folder, .ckpt file or run folder")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a UTF-8 text file to route (default: the bundled corpus, English help text and Python sources)",
+    )
+    parser.add_argument("--max-batches", type=int, default=20, help="batches to run")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default: the model's, at most 256)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the windows drawn from the text")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="also write the HTML report to this file")
+    parser.add_argument(
+        "--csv", type=Path, default=None, metavar="DIR", help="also write layers.csv, experts.csv and events.csv here"
+    )
+    parser.set_defaults(func=run_audit)
+    return parser
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    """Runs ``moe-monitor audit``; returns 2 with the reason for a model or data it cannot read."""
+    from moe_monitor.audit import AuditInputError, audit_saved
+
+    for flag, value in (("--max-batches", args.max_batches), ("--batch-size", args.batch_size)):
+        if value < 1:
+            print(f"moe-monitor audit: error: {flag}={value} must be at least 1.", file=sys.stderr)
+            return 2
+    if args.seq_len is not None and args.seq_len < 2:
+        print(f"moe-monitor audit: error: --seq-len={args.seq_len} must be at least 2.", file=sys.stderr)
+        return 2
+    try:
+        report = audit_saved(
+            args.model_dir,
+            data=args.data,
+            max_batches=args.max_batches,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            seed=args.seed,
+        )
+    except AuditInputError as error:
+        print(f"moe-monitor audit: error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    if args.csv is not None:
+        print(f"Tables: {report.save(args.csv)}")
+    if args.output is not None:
+        print(f"Report: {report.to_html(args.output, name=f'audit of {args.model_dir.resolve().name}')}")
+    return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -169,7 +313,7 @@ def run_report(args: argparse.Namespace) -> int:
     from moe_monitor.report import RunFilesNotFoundError, write_report
 
     try:
-        path = write_report(args.run_dir, args.output)
+        path = write_report(args.run_dirs, args.output)
     except RunFilesNotFoundError as error:
         print(f"moe-monitor report: error: {error}", file=sys.stderr)
         return 2
@@ -226,15 +370,22 @@ def scenario_of(args: argparse.Namespace) -> Any:
 
 
 def build_callbacks(args: argparse.Namespace) -> list[Callback]:
-    """Every callback of a ``train`` run: the MoE monitor (with the ``--control`` controllers), the last
-    checkpoint and the learning rate per step.
+    """Every callback of a ``train`` run: the MoE monitor (with the ``--control`` controllers), ``last.ckpt`` every
+    ``--ckpt-every`` steps and at the end, the learning rate per step, and the run's options (for ``--resume``).
 
     Raises:
         ValueError: for an unknown ``--control`` name, listing the known ones.
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    callbacks: list[Callback] = [ModelCheckpoint(save_last=True, save_top_k=0), LearningRateMonitor("step")]
+    ckpt_every = resolve_training(args)["ckpt_every"]
+    if ckpt_every:
+        checkpoint: Callback = _periodic_checkpoint(ckpt_every, args.val_every)
+    else:
+        checkpoint = ModelCheckpoint(save_last=True, save_top_k=0)
+    callbacks: list[Callback] = [checkpoint, _options_callback(args)]
+    if args.logger:  # Lightning refuses a LearningRateMonitor without a logger (--logger none)
+        callbacks.append(LearningRateMonitor("step"))
     if args.no_monitor:
         if control_names(args) or args.stop_on_collapse:
             raise ValueError("--control and --stop-on-collapse need the monitor; drop --no-monitor.")
@@ -255,18 +406,293 @@ def build_callbacks(args: argparse.Namespace) -> list[Callback]:
     return callbacks
 
 
-def build_logger(args: argparse.Namespace) -> Logger:
-    """The Lightning logger chosen by ``--logger``, writing under ``--out/--name``."""
+# Options that describe the run itself: a resumed run keeps the values it was started with.
+_RUN_OPTIONS: tuple[str, ...] = (
+    "preset", "router", "experts", "top_k", "capacity_factor", "noise", "noise_std", "aux_coef", "z_coef",
+    "expert_bias", "steps", "batch_size", "lr", "warmup_steps", "seed", "val_every", "no_monitor", "control",
+    "stop_on_collapse", "log_expert_loads", "scenario", "logger", "out", "name", "log_every", "wandb_project",
+    "wandb_entity", "run_name", "ckpt_every",
+)  # fmt: skip
+# Of these, the ones a resumed run may change.
+_CHANGEABLE_ON_RESUME: frozenset[str] = frozenset({"steps", "val_every", "ckpt_every", "out", "name"})
+_OPTIONS_KEY = "moe-monitor train options"
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's options as plain types (checkpoints load with ``weights_only=True``)."""
+    options = {}
+    for name in _RUN_OPTIONS:
+        if hasattr(args, name):
+            value = getattr(args, name)
+            options[name] = (
+                str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+            )
+    return options
+
+
+def _periodic_checkpoint(every: int, val_every: int) -> Callback:
+    """``last.ckpt`` every ``every`` steps and at the end of training; at a step that validates, after the
+    validation (so that a resumed run has the validation window of that step and does not validate twice)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class PeriodicCheckpoint(ModelCheckpoint):
+        deferred = False
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            if val_every and trainer.global_step % val_every == 0 and trainer.global_step % every == 0:
+                self.deferred = True
+                return
+            super().on_train_batch_end(trainer, pl_module, *args)
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            super().on_validation_end(trainer, pl_module)
+            if self.deferred and not trainer.sanity_checking:
+                self.deferred = False
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+        # Lightning refuses every_n_train_steps together with every_n_epochs, so the final save is done here.
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    return PeriodicCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=every)
+
+
+def _options_callback(args: argparse.Namespace) -> Callback:
+    """A callback that saves the ``train`` options in every checkpoint, so that ``--resume`` continues the run."""
+    from lightning.pytorch.callbacks import Callback
+
+    class RunOptions(Callback):
+        """Saves the ``train`` options in every checkpoint, so that ``--resume`` continues the same run."""
+
+        def __init__(self, options: dict[str, Any]) -> None:
+            self.options = options
+
+        @property
+        def state_key(self) -> str:
+            return _OPTIONS_KEY
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            # Where each logger writes, so that a resumed run's loggers go on in the same places.
+            from lightning.pytorch.loggers import WandbLogger
+
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    self.options["wandb_id"] = logger.version
+                else:
+                    kind = "csv" if "CSV" in type(logger).__name__ else "tensorboard"
+                    self.options.setdefault("log_dirs", {})[kind] = str(logger.log_dir)
+
+        def state_dict(self) -> dict[str, Any]:
+            return dict(self.options)
+
+    return RunOptions(_run_options(args))
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where ``--resume`` continues: the checkpoint, its step, the run folder it belongs to and its options."""
+
+    ckpt: Path
+    step: int
+    run_dir: Path | None
+    options: dict[str, Any]
+
+
+def find_checkpoint(value: str, out: Path, name: str, extra_roots: tuple[str, ...] = ()) -> Path:
+    """The checkpoint file ``--resume VALUE`` names: a ``.ckpt`` file, a run folder holding
+    ``checkpoints/last.ckpt``, or ``last`` for the newest ``last.ckpt`` of a run under ``out/name``.
+
+    Raises:
+        ValueError: when there is none, saying what to pass instead.
+    """
+    if value == "last":
+        root = out / name
+        # With W&B as the first logger, Lightning puts checkpoints under --out/<W&B project>/<run id>.
+        bases = (root, *(out / extra for extra in extra_roots))
+        patterns = ("*/checkpoints/last.ckpt", "checkpoints/last.ckpt")  # the second: a run with --logger none
+        candidates = [p for base in bases for pattern in patterns for p in base.glob(pattern)]
+        found = sorted(candidates, key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ValueError(
+                f"--resume last found no checkpoint under {root} (looked for {root}/*/checkpoints/last.ckpt). "
+                "Pass the --out and --name of the run to resume, or --resume PATH with its .ckpt file or run folder."
+            )
+        return found[-1]
+    path = Path(value)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise ValueError(
+            f"--resume {value}: the folder holds no checkpoints/last.ckpt; pass a .ckpt file, a run folder such as "
+            f"{out / name / 'version_0'}, or 'last'."
+        )
+    if not path.is_file():
+        raise ValueError(
+            f"--resume {value}: no such file or folder; pass a .ckpt file, a run folder such as "
+            f"{out / name / 'version_0'}, or 'last' (the newest checkpoint under --out/--name)."
+        )
+    return path
+
+
+def resume_point(args: argparse.Namespace) -> ResumePoint:
+    """Reads the checkpoint of ``--resume``: its step, its run folder and the options the run was started with."""
+    import torch
+
+    ckpt = find_checkpoint(args.resume, args.out, args.name, (args.wandb_project,))
+    try:
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ValueError(
+            f"--resume {args.resume}: {ckpt} is not a readable checkpoint ({type(error).__name__}: {error}); "
+            "pass another .ckpt file, e.g. an earlier one of the same run."
+        ) from None
+    if "global_step" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"--resume {args.resume}: {ckpt} is not a checkpoint of moe-monitor train.")
+    options = checkpoint.get("callbacks", {}).get(_OPTIONS_KEY, {})
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    return ResumePoint(ckpt, int(checkpoint["global_step"]), run_dir, options)
+
+
+def merge_resumed_options(args: argparse.Namespace, point: ResumePoint, given: set[str]) -> argparse.Namespace:
+    """The options of a resumed run: those it was started with, then the ones given now that may change.
+
+    Raises:
+        ValueError: when an option given now differs from the resumed run's and cannot change mid-run.
+    """
+    current = _run_options(args)
+    for name in sorted(given & set(point.options) - _CHANGEABLE_ON_RESUME):
+        if current.get(name) != point.options[name]:
+            flag = "--" + name.replace("_", "-")
+            started = "without it" if point.options[name] is None else f"with {flag} {point.options[name]}"
+            raise ValueError(
+                f"{flag} {current.get(name)} differs from the run being resumed (started {started}); a resumed "
+                f"run keeps its options: drop {flag}, or start a new run without --resume."
+            )
+    merged = argparse.Namespace(**vars(args))
+    for name, value in point.options.items():
+        if name in given and name in _CHANGEABLE_ON_RESUME:
+            continue
+        if name == "out":
+            value = Path(value)
+        elif name == "logger":
+            value = tuple(value)
+        setattr(merged, name, value)
+    return merged
+
+
+def explicit_options(argv: list[str]) -> set[str]:
+    """Destinations of the options written on the command line (not left at their defaults).
+
+    Example:
+        >>> sorted(explicit_options(["train", "--steps", "5", "--resume", "last"]))
+        ['resume', 'steps']
+    """
+    parser = build_parser()
+    for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+        for subparser in sub.choices.values():
+            subparser._defaults.clear()
+            for action in subparser._actions:
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def build_loggers(args: argparse.Namespace, point: ResumePoint | None = None) -> list[Logger]:
+    """The Lightning loggers of ``--logger``, writing under ``--out/--name``; all in one run folder
+    (``version_N``), the resumed run's own folder with ``--resume``.
+    """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-    if args.logger == "tensorboard":
-        return TensorBoardLogger(save_dir=str(args.out), name=args.name, default_hp_metric=False)
-    if args.logger == "csv":
-        return CSVLogger(save_dir=str(args.out), name=args.name)
-    if importlib.util.find_spec("wandb") is None:
+    if "wandb" in args.logger and importlib.util.find_spec("wandb") is None:
         raise ModuleNotFoundError('--logger wandb needs wandb: pip install "moe-monitor[wandb]"')
-    args.out.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(save_dir=str(args.out), project="moe-monitor", name=args.name)
+    for flag, value in (("--wandb-entity", args.wandb_entity), ("--run-name", args.run_name)):
+        if value is not None and "wandb" not in args.logger:
+            raise ValueError(f"{flag} names a W&B run; add --logger wandb (e.g. --logger tensorboard,wandb).")
+    recorded = point.options.get("log_dirs", {}) if point is not None else {}
+    version = None
+    if point is not None and point.run_dir is not None and not recorded:
+        version = point.run_dir.name  # a checkpoint without recorded places: its run folder
+    # purge_step hides the TensorBoard events that the interrupted process wrote after its checkpoint.
+    resuming = point is not None and (point.run_dir is not None or bool(recorded))
+    loggers: list[Logger] = []
+    for kind in args.logger:
+        if kind in recorded:
+            log_dir = Path(recorded[kind])
+            save_dir, name, place = str(log_dir.parent.parent), log_dir.parent.name, log_dir.name
+        elif version is not None and point is not None and point.run_dir is not None:
+            save_dir, name, place = str(point.run_dir.parent.parent), point.run_dir.parent.name, version
+        else:
+            save_dir, name, place = str(args.out), args.name, version
+        if kind == "tensorboard":
+            purge = {"purge_step": point.step + 1} if resuming and point is not None else {}
+            logger: Logger = _tensorboard_logger(
+                save_dir=save_dir, name=name, version=place, default_hp_metric=False, **purge
+            )
+        elif kind == "csv":
+            logger = _csv_logger(save_dir, name, place, point if resuming else None)
+        else:
+            args.out.mkdir(parents=True, exist_ok=True)
+            wandb_id = point.options.get("wandb_id") if point is not None else None
+            logger = WandbLogger(
+                save_dir=str(args.out),
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=args.run_name or args.name,
+                **({"id": wandb_id, "resume": "allow"} if wandb_id else {}),
+            )
+        loggers.append(logger)
+        if version is None and not recorded and isinstance(logger, (TensorBoardLogger, CSVLogger)):
+            # The first file logger picks the next free version_N; the others write into the same folder.
+            version = f"version_{logger.version}" if isinstance(logger.version, int) else logger.version
+    return loggers
+
+
+def _flush_on_checkpoint(base: type) -> type:
+    """``base`` (a Lightning logger class) writing its buffered metrics to disk whenever a checkpoint is saved,
+    so that a killed run's files hold everything up to its last checkpoint."""
+
+    class Flushing(base):
+        def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+            super().after_save_checkpoint(checkpoint_callback)
+            experiment = self.experiment
+            (experiment.flush if hasattr(experiment, "flush") else experiment.save)()
+
+    Flushing.__name__ = Flushing.__qualname__ = base.__name__
+    return Flushing
+
+
+def _tensorboard_logger(**kwargs: Any) -> Logger:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return _flush_on_checkpoint(TensorBoardLogger)(**kwargs)
+
+
+def _csv_logger(save_dir: str, name: str, version: str | None, point: ResumePoint | None) -> Logger:
+    """A CSV logger; when resuming, ``metrics.csv`` keeps the rows up to the checkpoint's step."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = _flush_on_checkpoint(CSVLogger)(save_dir=save_dir, name=name, version=version)
+    path = Path(logger.log_dir) / "metrics.csv"
+    kept: list[dict[str, Any]] = []
+    if point is not None and path.is_file():
+        with path.open(newline="") as file:
+            kept = [
+                {key: value for key, value in row.items() if value != ""}
+                for row in csv.DictReader(file)
+                if row.get("step") and int(float(row["step"])) <= point.step
+            ]
+    with warnings.catch_warnings():
+        # Lightning's writer deletes the metrics.csv of an existing folder, with a warning: the kept rows go back
+        # below. Made now, before another logger writes into the shared folder and makes it warn for nothing.
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
+        writer = logger.experiment
+    if kept:
+        writer.metrics.extend(kept)
+        writer.save()
+    return logger
 
 
 def _precision(accelerator: str) -> str:
@@ -284,21 +710,27 @@ def run_train(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from moe_monitor.reference import CorpusDataModule, ReferenceLM
+    from moe_monitor.reference import ReferenceLM
 
     # Only set-up mistakes become a short message; an error raised while training keeps its traceback.
+    point = None
     try:
+        if args.resume is not None:
+            point = resume_point(args)
+            args = merge_resumed_options(args, point, getattr(args, "given", set()))
         settings = resolve_training(args)
         config = build_config(args)
-        logger = build_logger(args)
+        loggers = build_loggers(args, point)
         validate = args.val_every > 0
         trainer = pl.Trainer(
             max_steps=settings["steps"],
-            max_epochs=1,
+            # One epoch is the run; a run resumed with a larger --steps goes on into a second one.
+            max_epochs=1 if point is None else -1,
             accelerator=args.accelerator,
             devices=args.devices,
             precision=_precision(args.accelerator),
-            logger=logger,
+            logger=loggers or False,
+            default_root_dir=str(args.out / args.name),
             callbacks=build_callbacks(args),
             log_every_n_steps=args.log_every,
             val_check_interval=min(args.val_every, settings["steps"]) if validate else None,
@@ -306,6 +738,11 @@ def run_train(args: argparse.Namespace) -> int:
             limit_val_batches=None if validate else 0,
             gradient_clip_val=1.0,
         )
+        if point is not None and point.step >= settings["steps"]:
+            raise ValueError(
+                f"--resume: {point.ckpt} is at step {point.step}, the run's --steps is {settings['steps']}: it is "
+                f"finished. Pass a larger --steps (e.g. --steps {2 * settings['steps']}) to train it further."
+            )
     except (ValueError, ModuleNotFoundError) as error:
         print(f"moe-monitor train: error: {error}", file=sys.stderr)
         return 2
@@ -319,22 +756,61 @@ def run_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     lm = ReferenceLM(config, **{name: settings[name] for name in ("lr", "warmup_steps")}, max_steps=settings["steps"])
-    if args.scenario:
-        scenario_of(args).prepare(lm)
-    data = CorpusDataModule(
-        seq_len=config.seq_len,
-        batch_size=settings["batch_size"],
-        seed=args.seed,
+    if args.scenario and point is None:
+        scenario_of(args).prepare(lm)  # a resumed model's weights already carry the scenario
+    data = _corpus_data(
+        config.seq_len,
+        settings["batch_size"],
+        args.seed,
         # Each of the world_size processes takes its share of one epoch; every one must see `steps` batches.
-        train_samples=settings["steps"] * settings["batch_size"] * trainer.world_size,
+        settings["steps"] * settings["batch_size"] * trainer.world_size,
+        0 if point is None else point.step * settings["batch_size"] * trainer.world_size,
     )
+    if point is not None and trainer.global_rank == 0:
+        print(f"Resuming {point.ckpt} at step {point.step} of {settings['steps']}.")
     start = time.perf_counter()
-    trainer.fit(lm, datamodule=data)
+    try:
+        with warnings.catch_warnings():
+            # "your dataloader is not resumable": _corpus_data starts the resumed run past the samples seen.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            trainer.fit(lm, datamodule=data, ckpt_path=None if point is None else str(point.ckpt))
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
     elapsed = time.perf_counter() - start
     _end_process_group()
+    if trainer.interrupted:  # Ctrl-C: Lightning shuts down and exits with status 1
+        ckpt = Path(trainer.log_dir or args.out) / "checkpoints" / "last.ckpt"
+        saved = f"the last checkpoint, {ckpt}, is" if ckpt.is_file() else "no checkpoint was"
+        print(
+            f"\nInterrupted at step {trainer.global_step}; {saved} written (every --ckpt-every steps). Go on with:  "
+            f"moe-monitor train --resume {ckpt.parent.parent}",
+            file=sys.stderr,
+        )
+        return 130
     if trainer.global_rank == 0:
-        _print_summary(trainer, logger, args, elapsed)
+        _print_summary(trainer, loggers, args, elapsed)
     return 0
+
+
+def _corpus_data(seq_len: int, batch_size: int, seed: int, samples: int, done: int) -> Any:
+    """The bundled corpus of a ``train`` run; a resumed run starts after the ``done`` samples it trained on.
+
+    Lightning restarts a loader without a ``state_dict`` from its first batch; starting the training set past the
+    samples already seen gives the resumed run the batches the uninterrupted one would have had (the loop then
+    closes the restored epoch at once and goes on in the next, which holds the rest).
+    """
+    from torch.utils.data import Subset
+
+    from moe_monitor.reference import CorpusDataModule
+
+    class ResumedCorpus(CorpusDataModule):
+        def setup(self, stage: str | None = None) -> None:
+            super().setup(stage)
+            if done and not isinstance(self.train_set, Subset):
+                self.train_set = Subset(self.train_set, range(min(done, len(self.train_set)), len(self.train_set)))
+
+    return ResumedCorpus(seq_len=seq_len, batch_size=batch_size, seed=seed, train_samples=samples)
 
 
 def _end_process_group() -> None:
@@ -355,7 +831,7 @@ def resolve_training(args: argparse.Namespace) -> dict[str, Any]:
 
     Example:
         >>> resolve_training(build_parser().parse_args(["train", "--steps", "100"]))
-        {'steps': 100, 'batch_size': 16, 'lr': 0.003, 'warmup_steps': 5}
+        {'steps': 100, 'batch_size': 16, 'lr': 0.003, 'warmup_steps': 5, 'ckpt_every': 10}
     """
     defaults = TRAIN_DEFAULTS[args.preset]
     steps = args.steps if args.steps is not None else defaults["steps"]
@@ -366,31 +842,45 @@ def resolve_training(args: argparse.Namespace) -> dict[str, Any]:
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--log-every", args.log_every)):
         if value < 1:
             raise ValueError(f"{name}={value} must be at least 1.")
+    if args.ckpt_every is None:
+        # A tenth of the run, on a window boundary: a resumed run then starts a whole window.
+        ckpt_every = -(-max(1, steps // 10) // args.log_every) * args.log_every
+    elif args.ckpt_every < 0:
+        raise ValueError(f"--ckpt-every={args.ckpt_every} must be 0 (only at the end) or a positive step interval.")
+    else:
+        ckpt_every = args.ckpt_every
     if not lr > 0:
         raise ValueError(f"--lr={lr} must be positive.")
     if args.val_every < 0:
         raise ValueError(f"--val-every={args.val_every} must be 0 (no validation) or a positive step interval.")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads={args.threads} must be at least 1.")
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps}
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "ckpt_every": ckpt_every}
 
 
-def _print_summary(trainer: Any, logger: Logger, args: argparse.Namespace, elapsed: float) -> None:
+def _print_summary(trainer: Any, loggers: list[Logger], args: argparse.Namespace, elapsed: float) -> None:
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
     losses = ", ".join(f"{name} {metrics[name]:.3f}" for name in ("train/loss", "val/loss") if name in metrics)
     print(f"\nTrained {trainer.global_step} steps in {elapsed:.0f} s ({losses}).")
-    log_dir = getattr(logger, "log_dir", None) or str(args.out)
+    log_dir = trainer.log_dir or str(args.out)
     print(f"Logs and checkpoints: {log_dir}")
-    if args.logger == "tensorboard":
+    kinds = set(args.logger)
+    if "tensorboard" in kinds:
         print(f"View them with:  tensorboard --logdir {args.out}")
-    elif args.logger == "csv":
-        print(f"Metrics table:  {Path(log_dir) / 'metrics.csv'}")
+    if "csv" in kinds:
+        csv_dir = next(logger.log_dir for logger in loggers if type(logger).__name__ == "CSVLogger")
+        print(f"Metrics table:  {Path(csv_dir) / 'metrics.csv'}")
+    if trainer.checkpoint_callback is not None:
+        print(f"Train it further with:  moe-monitor train --resume {log_dir} --steps {2 * trainer.global_step}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moe-monitor`` console script."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        args.given = explicit_options(argv)
     return args.func(args)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 import torch
@@ -43,12 +45,20 @@ def test_default_train_logs_routing_to_tensorboard_and_report_renders_it(tiny_pr
     assert [e.value for e in logged] == pytest.approx(train.load_entropy.tolist(), rel=1e-6)
     # 2 optimizer steps x 2 sequences x 16 tokens per window.
     assert (train.tokens == 2 * 2 * 16).all()
-    assert "moe/train/expert_load/L00" in accumulator.Tags()["histograms"]
+    assert "moe/train/expert_load/L00" in accumulator.Tags()["tensors"]  # histogram-plugin tensors
 
     assert cli.main(["report", str(run_dir)]) == 0
     html = (run_dir / "moe_report.html").read_text()
     assert "Last window (step 6)" in html and "blocks.1.moe.router" in html
     assert str(run_dir / "moe_report.html") in capsys.readouterr().out
+
+    # Two runs side by side: a second folder holding the same history, compared on one page.
+    other = tmp_path / "other_run"
+    shutil.copytree(run_dir / "moe_monitor", other / "moe_monitor")
+    compare = tmp_path / "compare.html"
+    assert cli.main(["report", str(run_dir), str(other), "-o", str(compare)]) == 0
+    text = compare.read_text()
+    assert "version_0" in text and "other_run" in text
 
 
 @pytest.mark.slow

@@ -15,6 +15,30 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from moe_monitor.snapshot import Snapshot
 
 
+def relabel_controller_metrics(metrics: dict[str, float], layer_names: Sequence[str]) -> dict[str, float]:
+    """``metrics`` with every module path inside a ``controller/...`` key replaced by the layer's ``L00`` label.
+
+    Controllers' ``metrics()`` name their per-layer knobs by module path (``controller/bias/<path>/range``);
+    every other tag uses the ``L00`` label of :func:`~moe_monitor.sinks.scalars.layer_labels`, so dashboards
+    show the two side by side only after this mapping. Other keys pass through unchanged.
+
+    Example:
+        >>> names = ["blocks.0.moe.router", "blocks.1.moe.router"]
+        >>> relabel_controller_metrics({"controller/bias/blocks.1.moe.router/range": 0.2,
+        ...     "controller/bias/updates": 9.0, "moe/train/cv/L01": 0.1}, names)
+        {'controller/bias/L01/range': 0.2, 'controller/bias/updates': 9.0, 'moe/train/cv/L01': 0.1}
+    """
+    from moe_monitor.sinks.scalars import layer_labels
+
+    labels = dict(zip(layer_names, layer_labels(len(layer_names)))) if layer_names else {}
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith("controller/"):
+            key = "/".join(labels.get(part, part) for part in key.split("/"))
+        out[key] = value
+    return out
+
+
 class Sink:
     """Base class of a dashboard sink; subclasses override the hooks they need.
 

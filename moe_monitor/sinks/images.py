@@ -50,17 +50,18 @@ def heatmap_image(loads_LE: torch.Tensor, num_experts: Sequence[int], labels: Se
     for layer, experts in enumerate(num_experts):
         share_LE[layer, experts:] = float("nan")
 
-    # A Figure without pyplot keeps no global state and is safe off the main thread.
-    fig = Figure(figsize=(1.6 + 0.28 * width, 1.0 + 0.28 * num_layers), dpi=80)
+    # A Figure without pyplot keeps no global state and is safe off the main thread. The constrained layout makes
+    # room for the colour-bar label and the title, which a fixed layout cuts off on narrow figures.
+    fig = Figure(figsize=(2.8 + 0.3 * width, 1.4 + 0.28 * num_layers), dpi=90, layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(share_LE.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=2.0, interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_yticks(range(num_layers), labels)
     step_x = max(1, width // 16)
     ax.set_xticks(range(0, width, step_x))
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="load / fair share (1 = balanced)")
-    fig.tight_layout()
+    ax.set_title(title, fontsize=9, wrap=True)
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label("load / fair share\n(1 = balanced)", fontsize=8)
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()

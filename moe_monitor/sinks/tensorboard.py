@@ -1,37 +1,50 @@
-"""Rich TensorBoard views of each window, written through a Lightning ``TensorBoardLogger``'s SummaryWriter.
+"""Rich TensorBoard views of each window, written beside a Lightning ``TensorBoardLogger``'s run.
 
 Per window (``<phase>``, ``<LL>`` as in :mod:`moe_monitor.sinks.scalars`):
 
-- ``moe/<phase>/expert_load/<LL>`` histogram whose buckets are the experts (bucket ``e`` holds expert ``e``'s
-  assignment count), so the HISTOGRAMS tab shows load drift per layer over steps.
+- ``moe/<phase>/expert_load/<LL>`` histogram with one bucket per expert, ``[e - 0.5, e + 0.5]`` with expert
+  ``e``'s assignment count, so the HISTOGRAMS tab reads expert ids on its axis and shows load drift over steps.
 - ``moe/<phase>/load_heatmap`` image: layers x experts (needs matplotlib).
 - ``moe/events`` text: one markdown line per alert, recovery or control event.
+- One colour per layer: TensorBoard colours a chart's lines by *run*, never by tag (its custom-scalars charts
+  name a line ``tag (run)`` and take the colour from the run), so each layer's statistics are also written to its
+  own run ``<log_dir>/layers/<LL>`` under the tag ``moe/<phase>/<stat>``, with the detector's alert threshold
+  for that layer as ``moe/<phase>/threshold/<stat>`` and its controller knobs as ``controller/<name>/<knob>``.
+  In the SCALARS tab ``moe/train/load_entropy`` then shows one line per layer, each in the layer's colour, and the
+  run selector toggles layers.
 
-A custom-scalars layout (CUSTOM SCALARS tab): for each phase logged to the logger, one chart per statistic showing
-every layer and one chart per across-layer summary. It is written at the first window and again whenever a new
-phase is logged (a ``test`` run after ``fit``, say); TensorBoard shows the last one.
+A custom-scalars layout (CUSTOM SCALARS tab), written at the first window and whenever a new phase or controller
+metric appears: first ``moe/<phase>: at a glance`` (the across-layer summaries with the thresholds), then
+``moe/<phase>: per layer`` (one chart per statistic, a line per layer and its threshold), then ``controllers``.
 
 Shape legend: ``L`` layers, ``E`` experts.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from moe_monitor.sinks.base import Sink
+import numpy as np
+
+from moe_monitor.incidents import alert_thresholds
+from moe_monitor.sinks.base import Sink, relabel_controller_metrics
 from moe_monitor.sinks.images import heatmap_image
-from moe_monitor.sinks.scalars import SUMMARY_NAMES, layer_labels, stat_key, summary_key
+from moe_monitor.sinks.scalars import SUMMARY_NAMES, layer_labels, summary_key
 from moe_monitor.snapshot import STAT_NAMES, Snapshot
 
-# Phases in each logger's layout, in the order first logged. Kept per logger, not per sink: the callback makes new
-# sinks at every setup, and a test run after fit must extend the fit's layout, not replace it.
-_LAYOUT_PHASES: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+# Layout state of each logger: phases and controller charts, in the order first logged. Kept per logger, not per
+# sink: the callback makes new sinks at every setup, and a test run after fit must extend the fit's layout.
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, list[str]]] = weakref.WeakKeyDictionary()
+
+LAYER_RUNS = "layers"
 
 # Chart titles of the CUSTOM SCALARS tab, most telling first: how to read each line at a glance.
 CHART_TITLES: dict[str, str] = {
-    "load_entropy": "load_entropy (1 = balanced, 0 = one expert)",
+    "load_entropy": "load_entropy (1 = balanced, 0 = one expert; flat line: alert threshold)",
     "max_violation": "max_violation (busiest expert / mean - 1)",
     "dead_experts": "dead_experts (unused in the window)",
     "top1_confidence": "top1_confidence (mean top-1 router probability)",
@@ -42,30 +55,73 @@ CHART_TITLES: dict[str, str] = {
     "cv": "cv (std / mean of counts)",
     "gini": "gini (0 = equal counts)",
 }
+# The statistic whose threshold each across-layer summary is judged against.
+_SUMMARY_STAT = {"min_load_entropy": "load_entropy", "max_max_violation": "max_violation",
+                 "dropped_fraction": "dropped_fraction"}
 
 
-def custom_scalars_layout(phases: Sequence[str] = ("train", "val", "test")) -> dict[str, dict[str, list[Any]]]:
-    """The CUSTOM SCALARS layout: per phase one multi-line chart per statistic, one line per layer.
+def layer_tag(phase: str, stat: str) -> str:
+    """Tag of a statistic in each layer's own run (``<log_dir>/layers/<LL>``).
+
+    Example:
+        >>> layer_tag("train", "load_entropy")
+        'moe/train/load_entropy'
+    """
+    return f"moe/{phase}/{stat}"
+
+
+def threshold_tag(phase: str, stat: str) -> str:
+    """Tag of a statistic's alert threshold in each layer's own run.
+
+    Example:
+        >>> threshold_tag("train", "max_violation")
+        'moe/train/threshold/max_violation'
+    """
+    return f"moe/{phase}/threshold/{stat}"
+
+
+def _exact(tag: str) -> str:
+    return f"^{re.escape(tag)}$"
+
+
+def custom_scalars_layout(
+    phases: Sequence[str] = ("train", "val", "test"), controller_tags: Sequence[str] = ()
+) -> dict[str, dict[str, list[Any]]]:
+    """The CUSTOM SCALARS layout: summaries first, then one chart per statistic (a line per layer), controllers.
 
     Args:
         phases: the phases to chart, in order (the sink passes those logged so far).
+        controller_tags: controller tags to chart, e.g. ``controller/bias/range`` (per layer, in the layer runs)
+            or ``controller/aux_loss/max_coef``.
 
     Example:
-        >>> layout = custom_scalars_layout(["train"])
-        >>> layout["moe/train"]["load_entropy (1 = balanced, 0 = one expert)"]
-        ['Multiline', ['moe/train/load_entropy/L\\\\d+']]
-        >>> layout["moe/train (all layers)"]["min_load_entropy"]
-        ['Multiline', ['moe/train/all/min_load_entropy']]
+        >>> layout = custom_scalars_layout(["train"], ["controller/bias/range"])
+        >>> list(layout)
+        ['moe/train: at a glance (all layers)', 'moe/train: per layer (one colour per layer)', 'controllers']
+        >>> layout["moe/train: at a glance (all layers)"]["min_load_entropy"]
+        ['Multiline', ['^moe/train/all/min_load_entropy$', '^moe/train/threshold/load_entropy$']]
+        >>> layout["controllers"]["controller/bias/range"]
+        ['Multiline', ['^controller/bias/range$']]
     """
     order = [stat for stat in CHART_TITLES if stat in STAT_NAMES] + [s for s in STAT_NAMES if s not in CHART_TITLES]
     layout: dict[str, dict[str, list[Any]]] = {}
     for phase in phases:
-        layout[f"moe/{phase}"] = {
-            CHART_TITLES.get(stat, stat): ["Multiline", [stat_key(phase, stat, r"L\d+")]] for stat in order
+        glance = {}
+        for name in SUMMARY_NAMES:
+            tags = [_exact(summary_key(phase, name))]
+            if name in _SUMMARY_STAT:
+                tags.append(_exact(threshold_tag(phase, _SUMMARY_STAT[name])))
+            glance[name] = ["Multiline", tags]
+        layout[f"moe/{phase}: at a glance (all layers)"] = glance
+    for phase in phases:
+        layout[f"moe/{phase}: per layer (one colour per layer)"] = {
+            CHART_TITLES.get(stat, stat): [
+                "Multiline", [_exact(layer_tag(phase, stat)), _exact(threshold_tag(phase, stat))]
+            ]
+            for stat in order
         }
-        layout[f"moe/{phase} (all layers)"] = {
-            name: ["Multiline", [summary_key(phase, name)]] for name in SUMMARY_NAMES
-        }
+    if controller_tags:
+        layout["controllers"] = {tag: ["Multiline", [_exact(tag)]] for tag in controller_tags}
     return layout
 
 
@@ -80,13 +136,40 @@ def event_markdown(event: Any) -> str:
     )
 
 
+def expert_histogram_summary(tag: str, counts_E: Sequence[int]) -> Any:
+    """A TensorBoard histogram summary with bucket ``[e - 0.5, e + 0.5]`` holding ``counts_E[e]``.
+
+    Written in the histogram plugin's own ``[k, 3]`` (left edge, right edge, count) format, so every expert keeps
+    its bucket, the empty ones at either end included (the legacy format loses those and their axis positions).
+
+    Example:
+        >>> value = expert_histogram_summary("h", [3, 0, 1]).value[0]
+        >>> from tensorboard.util import tensor_util
+        >>> tensor_util.make_ndarray(value.tensor).tolist()
+        [[-0.5, 0.5, 3.0], [0.5, 1.5, 0.0], [1.5, 2.5, 1.0]]
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.histogram import metadata
+    from tensorboard.util import tensor_util
+
+    experts_E = np.arange(len(counts_E), dtype=np.float64)
+    buckets_E3 = np.stack([experts_E - 0.5, experts_E + 0.5, np.asarray(counts_E, dtype=np.float64)], axis=1)
+    description = "assignments per expert in the window; bucket e is expert e"
+    summary_metadata = metadata.create_summary_metadata(display_name=tag, description=description)
+    return Summary(
+        value=[Summary.Value(tag=tag, metadata=summary_metadata, tensor=tensor_util.make_tensor_proto(buckets_E3))]
+    )
+
+
 class TensorBoardSink(Sink):
-    """Writes histograms, heatmaps, the custom-scalars layout and event text to one TensorBoard logger.
+    """Writes histograms, heatmaps, per-layer runs, thresholds, the custom-scalars layout and event text.
 
     Args:
         logger: a ``lightning.pytorch.loggers.TensorBoardLogger``.
         log_histograms: write the per-layer expert-load histograms.
         log_heatmaps: write the layer x expert heatmap image.
+        detector: the ``CollapseDetector`` whose alert thresholds are drawn next to the statistics (training
+            windows only, the ones it judges); ``None`` draws none.
 
     Example:
         >>> import tempfile, torch
@@ -96,27 +179,33 @@ class TensorBoardSink(Sink):
         ...     counts=torch.tensor([[3, 1]]), tokens=torch.tensor([4]), dropped=torch.tensor([0]),
         ...     nonfinite_tokens=torch.tensor([0]), stats={})
         >>> sink.log_window(snap, {}, [])
+        >>> sink.finish(None, None)
         >>> sink.failures
         0
     """
 
     name = "tensorboard"
 
-    def __init__(self, logger: Any, log_histograms: bool = True, log_heatmaps: bool = True) -> None:
+    def __init__(
+        self, logger: Any, log_histograms: bool = True, log_heatmaps: bool = True, detector: Any = None
+    ) -> None:
         super().__init__()
         self.logger = logger
         self.log_histograms = log_histograms
         self.log_heatmaps = log_heatmaps
+        self.detector = detector
+        self._layer_writers: dict[str, Any] = {}
 
     def log_window(self, snapshot: Snapshot, metrics: dict[str, float], events: Sequence[Any]) -> None:
         writer = self.guard("open the SummaryWriter", lambda: self.logger.experiment)
         if writer is None:
             return
-        phases = _LAYOUT_PHASES.setdefault(self.logger, [])
-        if snapshot.phase not in phases:
-            phases.append(snapshot.phase)
-            self.guard("write the custom-scalars layout", writer.add_custom_scalars, custom_scalars_layout(phases))
         labels = layer_labels(len(snapshot.layer_names))
+        controller = relabel_controller_metrics(
+            {k: v for k, v in metrics.items() if k.startswith("controller/")}, snapshot.layer_names
+        )
+        self.guard("write the per-layer runs", self._layer_runs, writer, snapshot, labels, controller)
+        self.guard("write the custom-scalars layout", self._layout, writer, snapshot.phase, controller, labels)
         if self.log_histograms:
             self.guard("write expert-load histograms", self._histograms, writer, snapshot, labels)
         if self.log_heatmaps:
@@ -129,27 +218,65 @@ class TensorBoardSink(Sink):
         writer = self.guard("open the SummaryWriter", lambda: self.logger.experiment)
         if writer is not None:
             self.guard("flush", writer.flush)
+        for layer_writer in self._layer_writers.values():
+            self.guard("close the per-layer runs", layer_writer.close)
+        self._layer_writers = {}
+
+    # ------------------------------------------------------------------------------------------------- parts
+    def _layer_writer(self, writer: Any, label: str) -> Any:
+        if label not in self._layer_writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._layer_writers[label] = SummaryWriter(os.path.join(writer.log_dir, LAYER_RUNS, label))
+        return self._layer_writers[label]
+
+    def _layer_runs(
+        self, writer: Any, snapshot: Snapshot, labels: list[str], controller: dict[str, float]
+    ) -> None:
+        values = {stat: values_L.double().tolist() for stat, values_L in snapshot.stats.items()}
+        for index, label in enumerate(labels):
+            out = self._layer_writer(writer, label)
+            for stat, values_L in values.items():
+                if np.isfinite(values_L[index]):
+                    out.add_scalar(layer_tag(snapshot.phase, stat), values_L[index], snapshot.step)
+            if self.detector is not None and snapshot.phase == "train":
+                limits = alert_thresholds(self.detector, int(snapshot.num_experts[index]), int(snapshot.top_k[index]))
+                for stat, limit in limits.items():
+                    out.add_scalar(threshold_tag(snapshot.phase, stat), limit, snapshot.step)
+            for key, value in controller.items():
+                parts = key.split("/")
+                if len(parts) == 4 and parts[2] == label:
+                    out.add_scalar(f"controller/{parts[1]}/{parts[3]}", value, snapshot.step)
+            out.flush()
+
+    @staticmethod
+    def _controller_tags(controller: dict[str, float], labels: list[str]) -> list[str]:
+        tags = []
+        for key in controller:
+            parts = key.split("/")
+            tag = f"controller/{parts[1]}/{parts[3]}" if len(parts) == 4 and parts[2] in labels else key
+            if tag not in tags:
+                tags.append(tag)
+        return tags
+
+    def _layout(self, writer: Any, phase: str, controller: dict[str, float], labels: list[str]) -> None:
+        state = _LAYOUTS.setdefault(self.logger, {"phases": [], "controllers": []})
+        new_tags = [t for t in self._controller_tags(controller, labels) if t not in state["controllers"]]
+        if phase in state["phases"] and not new_tags:
+            return
+        if phase not in state["phases"]:
+            state["phases"].append(phase)
+        state["controllers"] += new_tags
+        writer.add_custom_scalars(custom_scalars_layout(state["phases"], state["controllers"]))
 
     @staticmethod
     def _histograms(writer: Any, snapshot: Snapshot, labels: list[str]) -> None:
+        file_writer = writer._get_file_writer()
         for label, num_experts, counts_E in zip(labels, snapshot.num_experts, snapshot.counts.tolist()):
-            counts_E = counts_E[:num_experts]
-            total = sum(counts_E)
-            if total == 0:
+            if sum(counts_E[:num_experts]) == 0:
                 continue
-            experts = range(num_experts)
-            writer.add_histogram_raw(
-                f"moe/{snapshot.phase}/expert_load/{label}",
-                min=0.0,
-                max=float(num_experts - 1),
-                num=total,
-                sum=float(sum(e * c for e, c in zip(experts, counts_E))),
-                sum_squares=float(sum(e * e * c for e, c in zip(experts, counts_E))),
-                # Bucket e spans (e - 0.5, e + 0.5]: exactly expert e.
-                bucket_limits=[e + 0.5 for e in experts],
-                bucket_counts=counts_E,
-                global_step=snapshot.step,
-            )
+            summary = expert_histogram_summary(f"moe/{snapshot.phase}/expert_load/{label}", counts_E[:num_experts])
+            file_writer.add_summary(summary, snapshot.step)
 
     @staticmethod
     def _heatmap(writer: Any, snapshot: Snapshot, labels: list[str]) -> None:

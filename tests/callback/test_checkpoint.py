@@ -16,7 +16,7 @@ def _callbacks() -> tuple[MoEMonitor, MoEMonitor]:
     # Thresholds no real router meets: every window alerts and the controller doubles the coefficient.
     detector = CollapseDetector(min_load_entropy=0.9999, patience=1)
     watching = MoEMonitor(log_every_n_steps=2, detector=detector, controllers=[AuxLossController(max_coef=1.0)])
-    second = MoEMonitor(log_every_n_steps=3, detector=None)
+    second = MoEMonitor(log_every_n_steps=3, detector=None, name="slow")
     return watching, second
 
 
@@ -80,3 +80,24 @@ def test_evaluating_a_checkpoint_keeps_the_current_history_and_state(tmp_path: P
     # A later fit carries on from the controller's current coefficient, not from the step-2 checkpoint's.
     make_trainer(tmp_path / "again", [watching], max_steps=2, limit_val_batches=0).fit(lm, make_data())
     assert lm.model.blocks[0].moe.router.aux_loss_coef == coef_at_6 * 2
+
+
+def test_a_checkpoint_of_another_state_version_fails_with_what_to_do(tmp_path: Path) -> None:
+    watching, _ = _callbacks()
+    lm = make_lm()
+    trainer = make_trainer(tmp_path, [watching], max_steps=2, limit_val_batches=0)
+    trainer.fit(lm, make_data())
+    path = tmp_path / "step2.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["callbacks"][watching.state_key]
+    assert state["version"] == 1 and set(state) == {"version", "monitor", "detector", "controllers", "events"}
+
+    checkpoint["callbacks"][watching.state_key] = {**state, "version": 2}
+    torch.save(checkpoint, tmp_path / "future.ckpt")
+    again, _ = _callbacks()
+    trainer = make_trainer(tmp_path, [again], max_steps=4, limit_val_batches=0)
+    failing = make_lm()
+    with pytest.raises(ValueError, match=r"version 2 in the checkpoint.*reads version 1.*name"):
+        trainer.fit(failing, make_data(), ckpt_path=tmp_path / "future.ckpt")
+    assert all(not r._forward_hooks for r in [b.moe.router for b in failing.model.blocks])

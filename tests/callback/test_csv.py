@@ -1,4 +1,5 @@
-"""Scalars through CSVLogger, windows per optimizer step, sanity check and padding excluded, frames on disk."""
+"""Scalars through CSVLogger, windows per optimizer step, sanity check and padding excluded, frames on disk, and
+several monitors on one trainer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from moe_monitor import MoEMonitor
 from moe_monitor.snapshot import STAT_NAMES
@@ -85,3 +87,33 @@ def test_no_logger_warns_and_keeps_the_history(tmp_path: Path) -> None:
         trainer.fit(make_lm(), make_data())
     assert callback.layer_frame().step.tolist() == [1, 1, 2, 2]
     assert (tmp_path / "moe_monitor" / "layers.csv").exists()
+
+
+def test_two_named_monitors_keep_their_own_keys_and_files(tmp_path: Path) -> None:
+    fast, slow = MoEMonitor(log_every_n_steps=2, name="fast"), MoEMonitor(log_every_n_steps=4, name="slow")
+    logger = CSVLogger(tmp_path, name="two")
+    trainer = make_trainer(tmp_path, [fast, slow], logger, max_steps=4, limit_val_batches=0)
+    trainer.fit(make_lm(), make_data())
+
+    saved = Path(logger.log_dir) / "moe_monitor"
+    fast_rows, slow_rows = pd.read_csv(saved / "fast" / "layers.csv"), pd.read_csv(saved / "slow" / "layers.csv")
+    assert (fast_rows.step.tolist(), slow_rows.step.tolist()) == ([2, 2, 4, 4], [4, 4])
+    # The slow window spans both fast windows: its counts are their sums, expert by expert.
+    fast_experts = pd.read_csv(saved / "fast" / "experts.csv").groupby(["layer_index", "expert"])["count"].sum()
+    slow_experts = pd.read_csv(saved / "slow" / "experts.csv").set_index(["layer_index", "expert"])["count"]
+    assert fast_experts.tolist() == slow_experts.tolist()
+    rows = _metrics_rows(logger)
+    assert rows["moe/fast/train/load_entropy/L00"].dropna().tolist() == pytest.approx(
+        fast_rows[fast_rows.layer_index == 0].load_entropy.tolist()
+    )
+    assert rows["moe/slow/train/load_entropy/L00"].dropna().tolist() == pytest.approx(
+        slow_rows[slow_rows.layer_index == 0].load_entropy.tolist()
+    )
+    assert not any(key.startswith("moe/train/") for key in rows.columns)
+
+
+def test_two_unnamed_monitors_are_refused_at_setup(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, [MoEMonitor(log_every_n_steps=2), MoEMonitor(log_every_n_steps=4)])
+    with pytest.raises(MisconfigurationException, match="more than one without a name.*name='fast'"):
+        trainer.fit(make_lm(), make_data())
+    assert trainer.global_step == 0

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo): windows reduced over both, rank zero alone writes, both stop at the same step."""
+"""Two CPU processes (gloo): windows reduced over both, rank zero alone writes, both stop at the same step, and a
+rank with no validation batch leaves no other rank waiting."""
 
 from __future__ import annotations
 
@@ -7,13 +8,26 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pandas as pd
 import pytest
+import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader
 
 from moe_monitor import CollapseDetector, MoEMonitor
-from tests.callback.conftest import SEQ_LEN, DestroyProcessGroup, make_data, make_lm, make_trainer, routers_of
+from tests.callback.conftest import (
+    SEQ_LEN,
+    DestroyProcessGroup,
+    LMWithTestStep,
+    make_data,
+    make_lm,
+    make_trainer,
+    masked_loader,
+    routers_of,
+)
 from tests.ports import free_port
 
 
@@ -69,3 +83,49 @@ def test_a_broken_process_group_raises_instead_of_leaving_the_other_ranks_waitin
         assert all(not router._forward_hooks for router in routers_of(lm))
     finally:
         dist.destroy_process_group()
+
+
+class UnevenValidationLM(LMWithTestStep):
+    """Rank 0 validates on 2 batches, rank 1 on none (Lightning skips its whole validation loop and hooks).
+
+    Its validation step logs nothing across processes, so the monitor's window is the only collective in question.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.model(batch["input_ids"])
+
+    def val_dataloader(self) -> DataLoader:
+        return masked_loader(batches=2 if self.global_rank == 0 else 0)
+
+
+@pytest.mark.slow
+def test_a_rank_without_validation_batches_does_not_hang_the_others(tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    lm = UnevenValidationLM(make_lm().config, warmup_steps=1)
+    callback = MoEMonitor(log_every_n_steps=2, detector=None)
+    logger = CSVLogger(tmp_path, name="uneven", version=0)
+    trainer = make_trainer(
+        tmp_path,
+        [callback, DestroyProcessGroup()],
+        logger,
+        max_steps=4,
+        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+        devices=2,
+        limit_val_batches=None,
+        val_check_interval=2,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(lm, train_dataloaders=masked_loader(batches=8))
+
+    layers = pd.read_csv(Path(logger.log_dir) / "moe_monitor" / "layers.csv")
+    windows = sorted(set(zip(layers.step, layers.phase)))
+    assert windows == [(2, "train"), (2, "val"), (4, "train"), (4, "val")]
+    real_tokens = 2 * (SEQ_LEN - 3)  # per batch of 2 samples with 3 padded positions each
+    assert (layers[layers.phase == "val"].tokens == 2 * real_tokens).all()  # rank 0's two batches, rank 1's none
+    assert (layers[layers.phase == "train"].tokens == 2 * 2 * real_tokens).all()  # 2 steps x 2 processes
+    rows = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+    assert rows.dropna(subset=["moe/val/load_entropy/L00"]).step.tolist() == [2, 4]

@@ -77,7 +77,30 @@ def test_exception_mid_fit_leaves_no_hook(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(lm, make_data())
     assert all(not router._forward_hooks for router in routers_of(lm))
-    assert sorted(set(callback.layer_frame().step)) == [1, 2, 3]  # the history survives the crash
+    assert sorted(set(callback.layer_frame().step)) == [1, 2, 3]  # the history survives the crash ...
+    on_disk = pd.read_csv(tmp_path / "moe_monitor" / "layers.csv")  # ... and so do its files, written as it went
+    assert on_disk.step.tolist() == [1, 1, 2, 2, 3, 3]
+    assert (on_disk.tokens == 4 * SEQ_LEN).all()
+
+
+class InterruptedLM(LMWithTestStep):
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if batch_idx == 4:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the training loop
+        return super().training_step(batch, batch_idx)
+
+
+def test_ctrl_c_keeps_the_finished_windows_on_disk(tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    lm = InterruptedLM(make_lm().config, warmup_steps=1)
+    trainer = make_trainer(tmp_path, [MoEMonitor(log_every_n_steps=2)], max_steps=10)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns the interrupt into an exit
+        trainer.fit(lm, make_data())
+    on_disk = pd.read_csv(tmp_path / "moe_monitor" / "layers.csv")
+    assert on_disk.step.tolist() == [2, 2, 4, 4]
+    events = pd.read_csv(tmp_path / "moe_monitor" / "events.csv")  # the header at least, even with no event
+    assert "rule" in events.columns
+    assert all(not router._forward_hooks for router in routers_of(lm))
 
 
 class DiskFullCSVLogger(CSVLogger):

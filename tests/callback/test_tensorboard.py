@@ -47,14 +47,17 @@ def test_scalars_equal_the_layer_frame(tb_run) -> None:
     assert {"moe/train/all/min_load_entropy", "moe/val/all/max_max_violation"} <= tags
 
 
-def test_histograms_have_one_bucket_per_expert_holding_its_count(tb_run) -> None:
+def test_histograms_have_one_bucket_per_expert_centred_on_its_id(tb_run) -> None:
+    from tensorboard.util import tensor_util
+
     _, callback, _, accumulator, _ = tb_run
     experts = callback.expert_frame()
     for layer in (0, 1):
-        (event,) = accumulator.Histograms(f"moe/train/expert_load/L{layer:02d}")
+        (event,) = accumulator.Tensors(f"moe/train/expert_load/L{layer:02d}")
+        buckets = tensor_util.make_ndarray(event.tensor_proto).tolist()
         expected = experts[(experts.phase == "train") & (experts.layer_index == layer)].sort_values("expert")["count"]
-        assert list(event.histogram_value.bucket) == expected.tolist()
-        assert list(event.histogram_value.bucket_limit) == [0.5, 1.5, 2.5, 3.5]
+        assert [b[2] for b in buckets] == expected.tolist()
+        assert [(b[0], b[1]) for b in buckets] == [(e - 0.5, e + 0.5) for e in range(4)]  # expert ids at the centres
         assert event.step == 2
 
 
@@ -102,7 +105,7 @@ def test_without_matplotlib_one_warning_names_the_extra_and_the_rest_is_logged(
     accumulator = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     accumulator.Reload()
     assert accumulator.Tags()["images"] == []
-    assert len(accumulator.Histograms("moe/train/expert_load/L00")) == 3
+    assert len(accumulator.Tensors("moe/train/expert_load/L00")) == 3
     assert [e.step for e in accumulator.Scalars("moe/train/load_entropy/L01")] == [1, 2, 3]
 
 
@@ -125,9 +128,71 @@ def test_custom_scalars_layout_lists_the_phases_that_are_logged_test_included(tm
     trainer = make_trainer(tmp_path, [callback], logger, max_steps=2, limit_val_batches=0)
     lm = make_lm()
     trainer.fit(lm, make_data())
-    assert _last_layout(logger.log_dir) == ["moe/train", "moe/train (all layers)"]  # no validation ran
+    glance, per_layer = "moe/{}: at a glance (all layers)", "moe/{}: per layer (one colour per layer)"
+    assert _last_layout(logger.log_dir) == [glance.format("train"), per_layer.format("train")]  # no validation ran
     trainer.test(lm, masked_loader(), verbose=False)
     layout = _last_layout(logger.log_dir)
-    assert layout == ["moe/train", "moe/train (all layers)", "moe/test", "moe/test (all layers)"]
+    assert layout == [glance.format(p) for p in ("train", "test")] + [per_layer.format(p) for p in ("train", "test")]
     charts = {f"moe/{phase}/load_entropy/L00" for phase in ("train", "test")}
     assert charts <= set(EventAccumulator(logger.log_dir).Reload().Tags()["scalars"])
+
+
+def test_one_run_per_layer_with_thresholds_controller_labels_and_layout_tags(tmp_path: Path) -> None:
+    """The sink fed real windows of the reference model and a real bias controller's metrics."""
+    import math
+
+    import torch
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from moe_monitor.controllers import ExpertBiasController
+    from moe_monitor.monitor import RouterMonitor
+    from moe_monitor.reference import MoEConfig, MoETransformer
+    from moe_monitor.sinks.scalars import scalar_metrics
+    from moe_monitor.sinks.tensorboard import TensorBoardSink
+
+    torch.manual_seed(0)
+    model = MoETransformer(MoEConfig(d_model=16, n_layers=2, n_heads=2, seq_len=8, n_experts=4, top_k=2, d_expert=16,
+                                     expert_bias=True))
+    monitor = RouterMonitor(model)
+    bias = ExpertBiasController(rate=0.01)
+    bias.setup(model, monitor)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    detector = CollapseDetector()
+    sink = TensorBoardSink(logger, log_heatmaps=False, detector=detector)
+    frames = []
+    for step in (1, 2, 3):
+        model(torch.randint(0, 256, (4, 8)))
+        bias.on_train_step(monitor, step)
+        snapshot = monitor.collect(step, "train")
+        metrics = {**scalar_metrics(snapshot), **bias.metrics()}
+        assert "controller/bias/blocks.1.moe.router/range" in metrics  # controllers name layers by module path
+        sink.log_window(snapshot, metrics, [])
+        frames.append((snapshot, bias.metrics()))
+    sink.finish(None, None)
+    logger.experiment.flush()
+
+    floor = math.log(2) / math.log(4)  # top-2 of 4: the entropy of all load on two experts
+    for index, label in enumerate(("L00", "L01")):
+        run = EventAccumulator(str(Path(logger.log_dir, "layers", label)), size_guidance={"scalars": 0}).Reload()
+        values = [e.value for e in run.Scalars("moe/train/load_entropy")]
+        assert values == pytest.approx([float(s.stats["load_entropy"][index]) for s, _ in frames], rel=1e-6)
+        threshold = run.Scalars("moe/train/threshold/load_entropy")[-1].value
+        assert threshold == pytest.approx(floor + detector.min_load_entropy * (1 - floor), rel=1e-6)
+        assert run.Scalars("moe/train/threshold/max_violation")[-1].value == pytest.approx(
+            detector.max_violation * (4 / 2 - 1), rel=1e-6
+        )
+        name = f"blocks.{index}.moe.router"
+        assert [e.value for e in run.Scalars("controller/bias/range")] == pytest.approx(
+            [m[f"controller/bias/{name}/range"] for _, m in frames], rel=1e-6
+        )
+
+    (layout_event,) = [
+        v for path in Path(logger.log_dir).glob("events.out.tfevents.*") for e in EventFileLoader(str(path)).Load()
+        for v in e.summary.value if v.tag == "custom_scalars__config__"
+    ][-1:]
+    layout = layout_pb2.Layout.FromString(layout_event.tensor.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts["controller/bias/range"] == ["^controller/bias/range$"]
+    assert not any("blocks" in tag for tags in charts.values() for tag in tags)
+    (entropy_chart,) = [tags for title, tags in charts.items() if title.startswith("load_entropy")]
+    assert entropy_chart == ["^moe/train/load_entropy$", "^moe/train/threshold/load_entropy$"]

@@ -99,7 +99,66 @@ def test_offline_run_has_scalars_histograms_heatmaps_tables_and_step_axis(tmp_pa
         assert entry[f"moe/{phase}/expert_load/L01/values"] == counts
         assert entry[f"moe/{phase}/expert_load/L01/bins"] == [-0.5, 0.5, 1.5, 2.5, 3.5]
         assert entry[f"moe/{phase}/load_heatmap/_type"] == "image-file"
-    tables = {key: h[key] for h in history for key in h if key.endswith("/_type") and h[key] == "table-file"}
-    assert set(tables) == {"moe/layer_frame/_type", "moe/events/_type"}
+    tables = {key for h in history for key in h if key.endswith("/_type") and h[key] == "table-file"}
+    charts = {f"moe/charts/{phase}/{stat}_table/_type" for phase in ("train", "val") for stat in (
+        "load_entropy", "max_violation", "dead_experts", "dropped_fraction", "top1_confidence", "router_entropy",
+        "aux_loss", "z_loss")}
+    assert tables == {"moe/layer_frame/_type", "moe/events/_type"} | charts
     (rows,) = [h["moe/layer_frame/nrows"] for h in history if "moe/layer_frame/nrows" in h]
     assert rows == len(frame)
+
+    # Events as they happen: a table at every window that raised some, holding every event so far.
+    events = callback.event_frame()
+    logged_events = [(h["trainer/global_step"], h["moe/events/nrows"]) for h in history
+                     if "moe/events/nrows" in h and "trainer/global_step" in h]
+    assert logged_events[0] == (2, int((events.step <= 2).sum()))
+    assert logged_events[-1][1] == len(events)
+
+    summary = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    alerted_layers = events[events.kind == "alert"].layer.nunique()
+    assert summary["moe/status"] == f"{alerted_layers}/2 collapsed"
+    assert summary["moe/incidents"] == alerted_layers
+
+
+@pytest.mark.slow
+def test_one_alert_per_incident_of_a_real_collapse_run(tmp_path: Path) -> None:
+    import torch
+    from lightning.pytorch.loggers import WandbLogger
+
+    from moe_monitor.detect import make_snapshot
+    from moe_monitor.scenarios import run
+    from moe_monitor.sinks.wandb import WandbSink
+    from tests.detect.detect_toys import MICRO
+
+    torch.set_num_threads(1)
+    result = run("biased_init", steps=200, log_every=10, seed=0, **MICRO)  # no controller: nothing repairs it
+    alerts = [e for e in result.events if e.kind == "alert"]
+    firing, incidents = {}, 0
+    for e in result.events:  # a plain fold: a layer's incident opens when none of its rules fires
+        if e.kind == "alert":
+            incidents += not firing.get(e.layer)
+            firing.setdefault(e.layer, set()).add(e.rule)
+        elif e.kind == "recovery":
+            firing.get(e.layer, set()).discard(e.rule)
+    assert len(alerts) > incidents >= 2
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="moe-monitor-test")
+    sink = WandbSink(logger, log_histograms=False, log_heatmaps=False)
+    try:
+        experts = result.expert_frame
+        for (phase, step), group in result.layer_frame.groupby(["phase", "step"], sort=False):
+            counts = [experts[(experts.phase == phase) & (experts.step == step) & (experts.layer == name)]
+                      .sort_values("expert")["count"].tolist() for name in group.layer]
+            snapshot = make_snapshot(counts, step=int(step), phase=phase, top_k=2, layer_names=list(group.layer))
+            sink.log_window(snapshot, {}, [e for e in result.events if e.step == step and e.phase == phase])
+        sink.finish(result.layer_frame, None)
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    assert len(sink.alerts) == incidents
+    assert sink.alert_wait_s >= 60 and sink.failures == 0
+    assert all(title.startswith("MoE incident: L0") for title, _, _ in sink.alerts)

@@ -91,3 +91,71 @@ def test_build_callbacks_returns_callbacks():
 
     callbacks = cli.build_callbacks(cli.build_parser().parse_args(["train"]))
     assert callbacks and all(isinstance(callback, Callback) for callback in callbacks)
+
+
+def test_help_shows_the_real_defaults_per_preset():
+    parser = cli.build_parser()
+    train = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices["train"]
+    text = " ".join(train.format_help().split())
+    assert "(default: )" not in text
+    for key, flag in (("steps", "--steps"), ("batch_size", "--batch-size"), ("lr", "--lr")):
+        numbers = ", ".join(f"{preset} {cli.TRAIN_DEFAULTS[preset][key]:g}" for preset in cli.PRESET_NAMES)
+        assert numbers in text, flag
+    assert "tiny 1000, small 2000, base 10000" in text and "tiny 0.003, small 0.001, base 0.0006" in text
+    assert "(default: none)" in text and "(default: tensorboard)" in text
+    assert "training windows (default: 0)" in text  # a zero default is shown, not taken for "unset"
+
+
+def test_version_prints_the_package_version(capsys):
+    import moe_monitor
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"moe-monitor {moe_monitor.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("text", "loggers"),
+    [("tensorboard,csv", ("tensorboard", "csv")), (" CSV , csv", ("csv",)), ("none", ()), ("wandb", ("wandb",))],
+)
+def test_logger_lists(text, loggers):
+    assert cli.build_parser().parse_args(["train", "--logger", text]).logger == loggers
+
+
+def test_unknown_logger_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--logger", "tensorboard,mlflow"])
+    assert "choose one or more of tensorboard, wandb, csv" in capsys.readouterr().err
+
+
+def test_wandb_run_flags_without_wandb_logger_say_to_add_it(tmp_path, capsys):
+    assert cli.main(["train", "--run-name", "x", "--out", str(tmp_path)]) == 2
+    assert "--run-name names a W&B run; add --logger wandb" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tensorboard_and_csv_write_into_one_run_folder(tiny_preset, tmp_path):
+    assert cli.main(["train", *SMALL, "--out", str(tmp_path), "--logger", "tensorboard,csv"]) == 0
+    assert cli.main(["train", *SMALL, "--out", str(tmp_path), "--logger", "csv,tensorboard"]) == 0
+    for version in ("version_0", "version_1"):
+        run_dir = tmp_path / "moe" / version
+        assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "metrics.csv").is_file()
+        assert (run_dir / "moe_monitor" / "layers.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "moe").iterdir()) == ["version_0", "version_1"]
+
+
+@pytest.mark.slow
+def test_wandb_project_entity_and_run_name_reach_the_offline_run(tiny_preset, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from tests.callback.test_wandb import _complete_log
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    argv = ["train", *SMALL, "--out", str(tmp_path), "--logger", "csv,wandb", "--wandb-project", "proj-x",
+            "--wandb-entity", "team-y", "--run-name", "nice-name"]  # fmt: skip
+    assert cli.main(argv) == 0
+    (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    runs = [r.run for r in _complete_log(log) if r.WhichOneof("record_type") == "run"]
+    assert (runs[0].project, runs[0].entity, runs[0].display_name) == ("proj-x", "team-y", "nice-name")
+    assert (tmp_path / "moe" / "version_0" / "moe_monitor" / "layers.csv").is_file()

@@ -1,0 +1,773 @@
+r"""Watcher: the whole monitoring loop for any training loop, and the one engine under every integration.
+
+A :class:`Watcher` owns a :class:`~moe_monitor.monitor.RouterMonitor` (the hooks and counters), the windows of
+``log_every`` optimizer steps, the collapse detector, the controllers, the one event history, the sinks
+(dashboards) and the crash-safe history files. The Lightning callback :class:`~moe_monitor.callback.MoEMonitor`
+and the Hugging Face :class:`~moe_monitor.integrations.transformers.MoETrainerCallback` only translate their
+framework's hooks into :meth:`Watcher.step`, :meth:`Watcher.end_phase` and :meth:`Watcher.close`, so the three
+give the same statistics, keys, alerts and decisions.
+
+Shape legend: ``L`` router layers, ``E`` experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch import nn
+
+from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent
+from moe_monitor.monitor import LAYER_COLUMNS, RouterMonitor
+from moe_monitor.sinks.base import Sink
+from moe_monitor.sinks.scalars import ScalarSink, scalar_metrics
+from moe_monitor.snapshot import STAT_NAMES, Snapshot
+
+__all__ = ["Watcher", "check_options", "make_sinks"]
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_METHODS = ("setup", "on_train_step", "on_window", "metrics", "state_dict", "load_state_dict")
+STATE_VERSION = 1
+# Evaluation phases whose windows may wait for a point every process reaches (see `Watcher.end_phase`).
+DEFERRABLE_PHASES = ("val", "test")
+_DISTRIBUTED_DIR = os.path.dirname(torch.distributed.__file__) + os.sep
+
+
+def check_options(
+    error: type[Exception],
+    *,
+    every_name: str,
+    log_every: Any,
+    allow_none: bool,
+    flags: Mapping[str, Any],
+    routers: Any,
+    detector: Any,
+    controllers: Iterable[Any],
+    on_alert: Any,
+    name: Any,
+    owner: str,
+) -> tuple[Any, tuple[Any, ...]]:
+    """Checks the options every integration shares; raises ``error`` with what is allowed.
+
+    Returns:
+        ``(detector, controllers)`` normalised: ``"default"`` becomes a :class:`CollapseDetector`, the controllers
+        a tuple.
+
+    Example:
+        >>> detector, controllers = check_options(
+        ...     ValueError, every_name="log_every", log_every=10, allow_none=False, flags={}, routers=None,
+        ...     detector="default", controllers=[], on_alert=None, name=None, owner="Watcher")
+        >>> type(detector).__name__, controllers
+        ('CollapseDetector', ())
+        >>> check_options(ValueError, every_name="log_every", log_every=0, allow_none=False, flags={},
+        ...     routers=None, detector=None, controllers=[], on_alert=None, name=None, owner="Watcher")
+        Traceback (most recent call last):
+        ...
+        ValueError: log_every=0 is not valid; choose a positive integer.
+    """
+    if not (allow_none and log_every is None) and (
+        isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1
+    ):
+        choice = "a positive integer or None (the trainer's logging interval)" if allow_none else "a positive integer"
+        if every_name == "log_every_n_steps":
+            choice = "a positive integer or None (the trainer's log_every_n_steps)"
+        raise error(f"{every_name}={log_every!r} is not valid; choose {choice}.")
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise error(f"{flag}={value!r} is not valid; choose True or False.")
+    if isinstance(routers, (str, bytes)) or (routers is not None and not isinstance(routers, Sequence)):
+        raise error(
+            f"routers={routers!r} is not valid; choose None (find routers automatically) or a list of module"
+            " names, modules or `moe_monitor.RouterSpec`s."
+        )
+    if isinstance(detector, str) and detector == "default":
+        detector = CollapseDetector()
+    elif detector is not None and not all(
+        callable(getattr(detector, m, None)) for m in ("update", "state_dict", "load_state_dict")
+    ):
+        raise error(
+            f"detector={detector!r} is not valid; choose 'default', None (no detection) or a"
+            " `moe_monitor.CollapseDetector`."
+        )
+    controllers = tuple(controllers)
+    for controller in controllers:
+        missing = [m for m in CONTROLLER_METHODS if not callable(getattr(controller, m, None))]
+        if missing:
+            raise error(
+                f"controllers contains {controller!r}, which lacks {', '.join(missing)}; choose controllers from"
+                " `moe_monitor.controllers` (AuxLossController, RouterNoiseController, ExpertBiasController)."
+            )
+    names = [controller_name(c) for c in controllers]
+    if len(set(names)) != len(names):
+        raise error(
+            f"controllers have repeated names {names}; give each controller a distinct `name` so their"
+            " checkpoint states do not collide."
+        )
+    if on_alert is not None and not callable(on_alert):
+        raise error(f"on_alert={on_alert!r} is not valid; choose None or a callable(event).")
+    if name is not None and not (isinstance(name, str) and name and name.replace("_", "").replace("-", "").isalnum()):
+        raise error(
+            f"name={name!r} is not valid; choose None or a short identifier of letters, digits, '_' and '-' (it"
+            f" becomes the key prefix moe/<name>/... and the folder of this {owner}'s files)."
+        )
+    return detector, controllers
+
+
+class Watcher:
+    r"""Watches the routers of ``model`` in any training loop: windows, detection, control, dashboards, files.
+
+    ``watcher.step(global_step)`` after every optimizer step is the whole protocol; micro-batches of gradient
+    accumulation in between just add to the window. Every ``log_every`` steps (``global_step % log_every == 0``)
+    the training window is closed: reduced over all processes (one ``all_reduce`` when ``torch.distributed`` is
+    initialised), checked by the detector, shown to the controllers, sent to the sinks, appended to the history
+    files. A window of fewer than half of ``log_every`` steps (the last one, or the first after a resume) is logged
+    but not shown to the detector. :meth:`close` (or leaving the ``with`` block) closes the last partial window,
+    writes the final files and removes the hooks.
+
+    Evaluation: ``with watcher.phase("val"):`` counts every router forward inside to phase ``"val"`` and closes
+    that window at the end of the block (logged under ``moe/val/...``, never shown to the detector or the
+    controllers). Router forwards in eval mode outside such a block count to ``"val"`` too; close them with
+    :meth:`end_phase`.
+
+    Padding: :meth:`batch` reads the ``attention_mask`` of a dict-like batch (:meth:`set_token_mask` sets one).
+
+    Fault isolation: a failing sink, detector, controller or ``on_alert`` warns once per kind of failure (on the
+    main process) and training goes on. An error raised inside ``torch.distributed`` (a broken process group) is
+    re-raised: swallowed on one process, it would leave the others waiting in their next collective.
+
+    Distributed: every process must call :meth:`step` with the same steps and :meth:`close` (the window
+    reductions are collectives); only the main process writes to sinks and files. ``stop_on_collapse`` decisions
+    come from reduced statistics, so :attr:`should_stop` is the same on every process.
+
+    Args:
+        model: the model whose routers to watch (any ``nn.Module``).
+        log_every: optimizer steps per training window.
+        detector: a :class:`~moe_monitor.detect.CollapseDetector`, ``"default"``, or ``None`` (no detection).
+        controllers: controllers from :mod:`moe_monitor.controllers`.
+        sinks: where windows go: ``torch.utils.tensorboard.SummaryWriter``\ s (scalars, expert-load histograms,
+            heatmaps, custom-scalars layout, event text), W&B runs (scalars, histograms, heatmaps, alerts, tables),
+            directory paths (``str`` / ``os.PathLike``: crash-safe ``layers.csv``, ``experts.csv``, ``events.csv``
+            appended as each window closes, plus parquet twins at :meth:`close`), Lightning loggers, or
+            :class:`~moe_monitor.sinks.base.Sink` objects.
+        routers: manual router registration, passed to :class:`~moe_monitor.monitor.RouterMonitor`.
+        name: distinguishes several watchers of one run: keys become ``moe/<name>/<phase>/...`` and
+            ``controller/<name>/...``, and files go to ``<dir>/<name>/``.
+        log_expert_loads: also log one scalar per (layer, expert).
+        log_histograms: expert-load histograms in TensorBoard / W&B sinks.
+        log_heatmaps: layer x expert heatmaps in TensorBoard / W&B sinks (needs matplotlib).
+        on_alert: called on the main process with each new alert.
+        stop_on_collapse: set :attr:`should_stop` at the first critical alert.
+        control: set up and run the controllers (``False`` for evaluation-only use: their state is kept).
+        is_global_zero: whether this process writes to sinks and files; ``None`` asks ``torch.distributed``
+            (rank 0, or the only process).
+
+    Raises:
+        ValueError: an argument is of the wrong type or out of range; the message lists what is allowed.
+        NoRoutersFoundError: ``model`` has no router it can recognise; the message says how to register one.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from moe_monitor.reference import MoEConfig, MoETransformer
+        >>> model = MoETransformer(MoEConfig(d_model=16, n_layers=1, n_heads=2, n_experts=4, top_k=2, d_expert=16))
+        >>> run_dir = tempfile.mkdtemp()
+        >>> with Watcher(model, log_every=2, sinks=[run_dir]) as watcher:
+        ...     for step in range(1, 5):
+        ...         _ = model(torch.randint(0, 256, (2, 8)))  # forward, backward, optimizer step ...
+        ...         events = watcher.step(step)
+        ...     with watcher.phase("val"):
+        ...         _ = model(torch.randint(0, 256, (2, 8)))
+        >>> frame = watcher.layer_frame()
+        >>> list(zip(frame.step, frame.phase, frame.tokens))
+        [(2, 'train', 32), (4, 'train', 32), (4, 'val', 16)]
+        >>> len(pd.read_csv(os.path.join(run_dir, "layers.csv")))
+        3
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        log_every: int = 50,
+        detector: CollapseDetector | Literal["default"] | None = "default",
+        controllers: Iterable[Any] = (),
+        sinks: Iterable[Any] = (),
+        *,
+        routers: Sequence[Any] | None = None,
+        name: str | None = None,
+        log_expert_loads: bool = False,
+        log_histograms: bool = True,
+        log_heatmaps: bool = True,
+        on_alert: Callable[[CollapseEvent], Any] | None = None,
+        stop_on_collapse: bool = False,
+        control: bool = True,
+        is_global_zero: bool | None = None,
+    ) -> None:
+        flags = {
+            "log_expert_loads": log_expert_loads,
+            "log_histograms": log_histograms,
+            "log_heatmaps": log_heatmaps,
+            "stop_on_collapse": stop_on_collapse,
+            "control": control,
+        }
+        self.detector, self.controllers = check_options(
+            ValueError,
+            every_name="log_every",
+            log_every=log_every,
+            allow_none=False,
+            flags=flags,
+            routers=routers,
+            detector=detector,
+            controllers=controllers,
+            on_alert=on_alert,
+            name=name,
+            owner="Watcher",
+        )
+        self.log_every = log_every
+        self.name = name
+        self.log_expert_loads = log_expert_loads
+        self.on_alert = on_alert
+        self.stop_on_collapse = stop_on_collapse
+        self._is_global_zero = is_global_zero
+        self._views = (log_histograms, log_heatmaps)
+        self.sinks: list[Sink] = []
+        self._files: list[_HistoryFiles] = []
+        self.add_sinks(sinks)
+
+        self.events: list[CollapseEvent] = []
+        self.should_stop = False
+        self._seen_step = 0  # the last optimizer step seen: `step(0)` before any step is no step
+        self._window_steps = 0
+        self._pending_eval: dict[str, int] = {}
+        self._pending_controller_state: dict[str, Any] = {}
+        self._warned: set[str] = set()
+        self._closed = False
+        self.monitor = RouterMonitor(model, routers=routers)
+        self._controllers_ready = False
+        if control:
+            for controller in self.controllers:
+                controller.setup(model, self.monitor)
+            self._controllers_ready = True
+
+    # --------------------------------------------------------------------------------------------- the loop
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this process writes to the sinks and files."""
+        if self._is_global_zero is not None:
+            return self._is_global_zero
+        dist = torch.distributed
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+    def begin(self, global_step: int) -> None:
+        """Starts counting steps at ``global_step`` (a new fit, or a resume): the open window has no step yet."""
+        self._seen_step = int(global_step)
+        self._window_steps = 0
+
+    def step(self, global_step: int) -> list[CollapseEvent]:
+        """Call after every optimizer step; closes the training window when ``global_step % log_every == 0``.
+
+        Calls with the step already seen (micro-batches of gradient accumulation) only keep counting.
+
+        Returns:
+            The window's new events (alerts, recoveries, control events); empty between windows.
+        """
+        global_step = int(global_step)
+        if global_step == self._seen_step:
+            return []
+        self._seen_step = global_step
+        self._window_steps += 1
+        if self._controllers_ready:
+            for controller in self.controllers:
+                self._safely(
+                    f"run {controller_name(controller)}.on_train_step",
+                    controller.on_train_step,
+                    self.monitor,
+                    global_step,
+                )
+        if global_step % self.log_every:
+            return []
+        events = self._train_window(global_step)
+        self._close_pending_eval()
+        return events
+
+    def flush(self) -> list[CollapseEvent]:
+        """Closes the partial training window (if it has steps) and any evaluation window left pending.
+
+        Every process must call it (a collective when distributed). Returns the partial window's events.
+        """
+        events: list[CollapseEvent] = []
+        if self._window_steps > 0:
+            events = self._train_window(self._seen_step)
+        self._close_pending_eval()
+        return events
+
+    def _train_window(self, step: int) -> list[CollapseEvent]:
+        # Too few steps for the detector's thresholds and patience, which assume full windows.
+        short = 2 * self._window_steps < self.log_every
+        self._window_steps = 0
+        snapshot = self._safely("close the training window", self.monitor.collect, step, "train")
+        if snapshot is None:
+            return []
+        events: list[CollapseEvent] = []
+        if self.detector is not None and not short:
+            events += self._safely("run the collapse detector", self.detector.update, snapshot) or []
+        detected = list(events)
+        if self._controllers_ready:
+            for controller in self.controllers:
+                name = controller_name(controller)
+                events += self._safely(f"run {name}.on_window", controller.on_window, snapshot, detected) or []
+        self.events.extend(events)
+        critical = [e for e in events if e.kind == "alert" and e.severity == "critical"]
+        if self.stop_on_collapse and critical and not self.should_stop:
+            self.should_stop = True
+            if self.is_global_zero:
+                log.warning("moe_monitor: stopping at step %d on a critical alert: %s", step, critical[0].message)
+        if self.is_global_zero:
+            metrics = self._safely("compute scalars", scalar_metrics, self._published(snapshot), self.log_expert_loads)
+            metrics = metrics or {}
+            for controller in self.controllers:
+                read = self._safely(f"read {controller_name(controller)}.metrics", controller.metrics) or {}
+                metrics.update({self._controller_key(key): value for key, value in read.items()})
+            self._publish(snapshot, metrics, events)
+            for event in events:
+                if event.kind == "alert":
+                    level = logging.WARNING if event.severity in ("warning", "critical") else logging.INFO
+                    log.log(level, "moe_monitor %s alert at step %d: %s", event.severity, event.step, event.message)
+                    if self.on_alert is not None:
+                        self._safely("call on_alert", self.on_alert, event)
+        return events
+
+    # --------------------------------------------------------------------------------------------- evaluation
+    @contextlib.contextmanager
+    def phase(self, name: str, close: bool = True) -> Iterator[None]:
+        """Counts every router forward inside the block to phase ``name``; closes its window at the end.
+
+        Args:
+            name: the phase, e.g. ``"val"`` or ``"test"`` (keys ``moe/<name>/...``).
+            close: close (reduce, log, write) the window when the block ends; ``False`` only counts, e.g. for
+                forwards that should count nowhere (a phase that is never closed).
+        """
+        with self.monitor.phase(name):
+            yield
+        if close:
+            self.end_phase(name)
+
+    def end_phase(self, phase: str, step: int | None = None, now: bool = True) -> Snapshot | None:
+        """Closes the evaluation window of ``phase`` at ``step`` (default: the last step seen) and logs it.
+
+        Args:
+            phase: the evaluation phase (``"val"``, ``"test"``, ...).
+            step: the step recorded with the window.
+            now: ``False`` lets a ``"val"`` / ``"test"`` window of a distributed run wait for the next training
+                window (or :meth:`flush` / :meth:`close`), where every process agrees in one small collective which
+                evaluation windows to close: a process that saw no evaluation batch (and never called this) then
+                still joins the reduction instead of leaving the others waiting. Without ``torch.distributed`` the
+                window closes at once either way.
+
+        Returns:
+            The closed window's snapshot, or ``None`` when it waits or could not be closed.
+        """
+        step = self._seen_step if step is None else int(step)
+        if not now and phase in DEFERRABLE_PHASES and _distributed():
+            self._pending_eval[phase] = step
+            return None
+        return self._eval_window(phase, step)
+
+    def _close_pending_eval(self) -> None:
+        if not _distributed():
+            return
+        steps = torch.tensor([float(self._pending_eval.get(p, -1)) for p in DEFERRABLE_PHASES], dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            steps = steps.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+        self._pending_eval = {}
+        for phase, step in zip(DEFERRABLE_PHASES, steps.tolist()):
+            if step >= 0:
+                self._eval_window(phase, int(step))
+
+    def _eval_window(self, phase: str, step: int) -> Snapshot | None:
+        self.monitor.set_token_mask(None)
+        snapshot = self._safely(f"close the {phase} window", self.monitor.collect, step, phase)
+        if snapshot is not None and self.is_global_zero:
+            metrics = self._safely("compute scalars", scalar_metrics, self._published(snapshot), self.log_expert_loads)
+            self._publish(snapshot, metrics or {}, [])
+        return snapshot
+
+    def add_sinks(self, targets: Iterable[Any]) -> None:
+        """Sends the windows closed from now on also to ``targets`` (the kinds ``sinks=`` takes).
+
+        For dashboards that exist only after the watcher, e.g. a trainer's SummaryWriter opened at training start.
+        """
+        sinks, directories = make_sinks(targets, *self._views)
+        self.sinks += sinks
+        self._files += [_HistoryFiles(d if self.name is None else os.path.join(d, self.name)) for d in directories]
+
+    # --------------------------------------------------------------------------------------------- inputs
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Which tokens of the next forwards count (``None``: all); see :meth:`RouterMonitor.set_token_mask`."""
+        self.monitor.set_token_mask(mask)
+
+    def batch(self, batch: Any) -> None:
+        """Reads the ``attention_mask`` of a dict-like batch (``Mapping``, ``BatchEncoding``) as the token mask.
+
+        A batch without one (or not dict-like) clears the mask: every token counts.
+        """
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        self.monitor.set_token_mask(mask if isinstance(mask, torch.Tensor) else None)
+
+    # --------------------------------------------------------------------------------------------- history
+    def layer_frame(self) -> pd.DataFrame:
+        """Per (window, layer) statistics so far; see :meth:`RouterMonitor.layer_frame`."""
+        return self.monitor.layer_frame()
+
+    def expert_frame(self) -> pd.DataFrame:
+        """Per (window, layer, expert) counts and loads so far."""
+        return self.monitor.expert_frame()
+
+    def event_frame(self) -> pd.DataFrame:
+        """Every alert, recovery and control event so far, one row each (columns ``EVENT_COLUMNS``)."""
+        return _event_frame(self.events)
+
+    # --------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """History, detector, controllers and events, as plain Python types (``torch.load(weights_only=True)``)."""
+        controllers = {controller_name(c): c.state_dict() for c in self.controllers}
+        controllers.update(self._pending_controller_state)
+        return {
+            "version": STATE_VERSION,
+            "monitor": self.monitor.state_dict(),
+            "detector": None if self.detector is None else self.detector.state_dict(),
+            "controllers": controllers,
+            "events": [event_record(e) for e in self.events],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`: history, detector, events, and each controller's knobs and alerts.
+
+        Raises:
+            ValueError: the state is of another version; the message says what to do.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"Unsupported moe_monitor state version {state.get('version')!r}: this moe_monitor reads version"
+                f" {STATE_VERSION}. Resume with the moe_monitor release that wrote the checkpoint, or start without"
+                " the monitor's state (a fresh history)."
+            )
+        if state.get("monitor") is not None:
+            self.monitor.load_state_dict(state["monitor"])
+        if self.detector is not None and state.get("detector") is not None:
+            self.detector.load_state_dict(state["detector"])
+        self.events = [CollapseEvent(**{**e, "experts": tuple(e["experts"])}) for e in state.get("events", [])]
+        pending = dict(state.get("controllers", {}))
+        if self._controllers_ready:
+            for controller in self.controllers:
+                controller_state = pending.pop(controller_name(controller), None)
+                if controller_state is not None:
+                    controller.load_state_dict(controller_state)
+        self._pending_controller_state = pending
+
+    # --------------------------------------------------------------------------------------------- lifetime
+    def detach(self) -> None:
+        """Removes the hooks without closing anything (the history stays readable)."""
+        self.monitor.set_token_mask(None)
+        self.monitor.remove()
+
+    def close(self) -> None:
+        """Closes the last windows (:meth:`flush`), finishes the sinks, writes the final files, removes the hooks.
+
+        Idempotent. Every process must call it when distributed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush()
+            self.finish()
+        finally:
+            self.detach()
+
+    def finish(self) -> None:
+        """Finishes the sinks (end-of-run views) and rewrites the history files in full (CSV and parquet)."""
+        if not self.is_global_zero:
+            return
+        layer_frame, event_frame = self.layer_frame(), self.event_frame()
+        for sink in self.sinks:
+            self._safely(f"finish the {sink.name} sink", sink.finish, layer_frame, event_frame)
+        for files in self._files:
+            self._safely("save the history", files.finish, self.monitor, event_frame)
+
+    @property
+    def files(self) -> list[str]:
+        """The directories the history files are written to."""
+        return [files.path for files in self._files]
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is None:
+            self.close()
+        else:  # the finished windows are on disk already; a collective now could hang the other processes
+            self._closed = True
+            self.detach()
+
+    # --------------------------------------------------------------------------------------------- helpers
+    def _published(self, snapshot: Snapshot) -> Snapshot:
+        """The snapshot as the sinks see it: ``name/phase`` as its phase, so every key carries the name."""
+        if self.name is None:
+            return snapshot
+        return dataclasses.replace(snapshot, phase=f"{self.name}/{snapshot.phase}")
+
+    def _controller_key(self, key: str) -> str:
+        if self.name is None or not key.startswith("controller/"):
+            return key
+        return f"controller/{self.name}/{key[len('controller/') :]}"
+
+    def _publish(self, snapshot: Snapshot, metrics: dict[str, float], events: Sequence[CollapseEvent]) -> None:
+        published = self._published(snapshot)
+        for sink in self.sinks:
+            self._safely(f"write to the {sink.name} sink", sink.log_window, published, metrics, events)
+        for files in self._files:
+            self._safely("append to the history files", files.append, self.monitor, snapshot, events, self.events)
+
+    def _safely(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs one step of the watcher's own work; on error warns once per ``what`` and lets training go on.
+
+        Errors raised inside ``torch.distributed`` (a collective on a broken process group) are re-raised: a
+        process that carried on would leave the others waiting in their next collective.
+        """
+        try:
+            return fn(*args)
+        except Exception as err:  # the monitor must never kill the run it watches
+            if raised_in_distributed(err):
+                raise
+            if what not in self._warned:
+                self._warned.add(what)
+                if self.is_global_zero:
+                    warnings.warn(
+                        f"MoEMonitor could not {what} ({type(err).__name__}: {err}); training goes on. Further"
+                        " failures of this kind are not reported.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            return None
+
+
+class _HistoryFiles:
+    """``layers.csv``, ``experts.csv`` and ``events.csv`` in one directory, appended to as each window closes.
+
+    The first write puts the whole history so far (restored windows included) under a header; later windows
+    append their rows, so a run killed at any point leaves every finished window on disk. :meth:`finish` rewrites
+    the files in full and adds parquet twins.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._started = False
+
+    def append(
+        self, monitor: RouterMonitor, snapshot: Snapshot, new: Sequence[CollapseEvent], every: Sequence[CollapseEvent]
+    ) -> None:
+        """Writes one closed window: its rows, and its ``new`` events (``every`` event so far on the first write)."""
+        os.makedirs(self.path, exist_ok=True)
+        if not self._started:
+            self._started = True
+            monitor.layer_frame().to_csv(self._file("layers"), index=False)
+            monitor.expert_frame().to_csv(self._file("experts"), index=False)
+            _event_frame(every).to_csv(self._file("events"), index=False)
+            return
+        # Rows of this window only, so the cost of a window does not grow with the history.
+        layers = layer_rows(snapshot, monitor.layout.capacity_factors)
+        layers.to_csv(self._file("layers"), mode="a", header=False, index=False)
+        expert_rows(snapshot).to_csv(self._file("experts"), mode="a", header=False, index=False)
+        if new:
+            _event_frame(new).to_csv(self._file("events"), mode="a", header=False, index=False)
+
+    def finish(self, monitor: RouterMonitor, event_frame: pd.DataFrame) -> None:
+        monitor.save(self.path)
+        event_frame.to_csv(self._file("events"), index=False)
+
+    def _file(self, stem: str) -> str:
+        return os.path.join(self.path, f"{stem}.csv")
+
+
+def _event_frame(events: Sequence[CollapseEvent]) -> pd.DataFrame:
+    return pd.DataFrame([event_record(e) for e in events], columns=list(EVENT_COLUMNS))
+
+
+def layer_rows(snapshot: Snapshot, capacity_factors: Sequence[float] = ()) -> pd.DataFrame:
+    """One row per layer of one window, in the columns and types of ``RouterMonitor.layer_frame``.
+
+    Example:
+        >>> snap = Snapshot(step=3, phase="train", layer_names=["r"], num_experts=[2], top_k=[1],
+        ...     counts=torch.tensor([[3, 1]]), tokens=torch.tensor([4]), dropped=torch.tensor([0]),
+        ...     nonfinite_tokens=torch.tensor([0]), stats={"load_entropy": torch.tensor([0.5])})
+        >>> row = layer_rows(snap).iloc[0]
+        >>> int(row.tokens), int(row.assignments), float(row.load_entropy), bool(pd.isna(row.gini))
+        (4, 4, 0.5, True)
+    """
+    cf_columns = [f"counterfactual_drop@{float(cf)!r}" for cf in capacity_factors]
+    num_layers = len(snapshot.layer_names)
+    columns: dict[str, list[Any]] = {
+        "step": [snapshot.step] * num_layers,
+        "phase": [snapshot.phase] * num_layers,
+        "layer": list(snapshot.layer_names),
+        "layer_index": list(range(num_layers)),
+        "num_experts": list(snapshot.num_experts),
+        "top_k": list(snapshot.top_k),
+        "tokens": snapshot.tokens.tolist(),
+        "assignments": snapshot.counts.sum(dim=1).tolist(),
+        "dropped": snapshot.dropped.tolist(),
+    }
+    nan_L = [math.nan] * num_layers
+    for name in STAT_NAMES:
+        values_L = snapshot.stats.get(name)
+        columns[name] = nan_L if values_L is None else values_L.tolist()
+    columns["nonfinite_tokens"] = snapshot.nonfinite_tokens.tolist()
+    for name in cf_columns:
+        values_L = snapshot.extras.get(name)
+        columns[name] = nan_L if values_L is None else values_L.tolist()
+    frame = pd.DataFrame(columns, columns=[*LAYER_COLUMNS, *cf_columns])
+    return frame.astype({"step": "int64", "layer_index": "int64", "tokens": "int64", "assignments": "int64"})
+
+
+def expert_rows(snapshot: Snapshot) -> pd.DataFrame:
+    """One row per (layer, expert of that layer) of one window, in the columns of ``RouterMonitor.expert_frame``.
+
+    Example:
+        >>> snap = Snapshot(step=3, phase="train", layer_names=["r"], num_experts=[2], top_k=[1],
+        ...     counts=torch.tensor([[3, 1]]), tokens=torch.tensor([4]), dropped=torch.tensor([0]),
+        ...     nonfinite_tokens=torch.tensor([0]), stats={})
+        >>> expert_rows(snap)[["expert", "count", "load"]].values.tolist()
+        [[0.0, 3.0, 0.75], [1.0, 1.0, 0.25]]
+    """
+    loads_LE = snapshot.loads
+    rows = [
+        (snapshot.step, snapshot.phase, name, index, expert, int(snapshot.counts[index, expert]), float(load))
+        for index, (name, num_experts) in enumerate(zip(snapshot.layer_names, snapshot.num_experts))
+        for expert, load in enumerate(loads_LE[index, :num_experts].tolist())
+    ]
+    return pd.DataFrame(rows, columns=["step", "phase", "layer", "layer_index", "expert", "count", "load"])
+
+
+# ------------------------------------------------------------------------------------------------- sinks
+class _WriterLogger:
+    """A ``SummaryWriter`` seen as a logger: ``log_metrics`` and ``experiment``, what the sinks call."""
+
+    def __init__(self, writer: Any) -> None:
+        self.experiment = writer
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.experiment.add_scalar(key, value, global_step=step)
+
+
+class _RunLogger:
+    """A W&B run seen as a logger; scalars are plotted against ``trainer/global_step`` like the callback's."""
+
+    def __init__(self, run: Any) -> None:
+        self.experiment = run
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from moe_monitor.sinks.wandb import STEP_KEY
+
+        self.experiment.log({**metrics, STEP_KEY: step})
+
+
+def make_sinks(targets: Iterable[Any], log_histograms: bool = True, log_heatmaps: bool = True) -> tuple[list, list]:
+    """Turns what a user gives as ``sinks=`` into sink objects and history directories.
+
+    Returns:
+        ``(sinks, directories)``.
+
+    Raises:
+        ValueError: a target of a kind no sink knows; the message lists the kinds.
+
+    Example:
+        >>> sinks, dirs = make_sinks(["runs/x"])
+        >>> sinks, dirs
+        ([], ['runs/x'])
+    """
+    sinks: list[Sink] = []
+    directories: list[str] = []
+    for target in targets:
+        if isinstance(target, Sink):
+            sinks.append(target)
+        elif isinstance(target, (str, os.PathLike)):
+            directories.append(os.fspath(target))
+        elif _is_summary_writer(target):
+            from moe_monitor.sinks.tensorboard import TensorBoardSink
+
+            logger = _WriterLogger(target)
+            sinks += [ScalarSink([logger]), TensorBoardSink(logger, log_histograms, log_heatmaps)]
+        elif _is_wandb_run(target):
+            from moe_monitor.sinks.wandb import WandbSink
+
+            logger = _RunLogger(target)
+            sinks += [ScalarSink([logger]), WandbSink(logger, log_histograms, log_heatmaps)]
+        elif callable(getattr(target, "log_metrics", None)):  # a Lightning logger
+            sinks += _logger_sinks(target, log_histograms, log_heatmaps)
+        else:
+            raise ValueError(
+                f"sinks contains {target!r}, which no sink knows; choose a torch.utils.tensorboard.SummaryWriter, a"
+                " wandb run, a directory path (history files), a Lightning logger or a moe_monitor.sinks.base.Sink."
+            )
+    return sinks, directories
+
+
+def _logger_sinks(logger: Any, log_histograms: bool, log_heatmaps: bool) -> list[Sink]:
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    sinks: list[Sink] = [ScalarSink([logger])]
+    if isinstance(logger, TensorBoardLogger):
+        from moe_monitor.sinks.tensorboard import TensorBoardSink
+
+        sinks.append(TensorBoardSink(logger, log_histograms, log_heatmaps))
+    elif isinstance(logger, WandbLogger):
+        from moe_monitor.sinks.wandb import WandbSink
+
+        sinks.append(WandbSink(logger, log_histograms, log_heatmaps))
+    return sinks
+
+
+def _is_summary_writer(target: Any) -> bool:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return isinstance(target, SummaryWriter) or type(target).__name__ == "SummaryWriter"
+
+
+def _is_wandb_run(target: Any) -> bool:
+    module = type(target).__module__
+    return module.startswith("wandb.") and callable(getattr(target, "log", None))
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def raised_in_distributed(err: BaseException) -> bool:
+    """Whether ``err`` comes from ``torch.distributed`` (a broken process group), which must not be swallowed."""
+    if isinstance(err, getattr(torch.distributed, "DistError", ())):
+        return True
+    # Gloo reports a lost peer as a plain RuntimeError: look for a torch.distributed frame where it was raised.
+    return any(f.f_code.co_filename.startswith(_DISTRIBUTED_DIR) for f, _ in traceback.walk_tb(err.__traceback__))
+
+
+def controller_name(controller: Any) -> str:
+    """The name a controller's state is saved under."""
+    return str(getattr(controller, "name", type(controller).__name__))
+
+
+def event_record(event: CollapseEvent) -> dict[str, Any]:
+    """An event as plain types, so checkpoints load with ``torch.load(weights_only=True)``."""
+    return {**asdict(event), "experts": list(event.experts)}
