@@ -260,8 +260,8 @@ def test_lightning_64_true_run_steers_the_converted_bias(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*no logger")
 def test_lightning_refuses_two_monitors_with_bias_controllers_on_one_model(tmp_path):
-    first = MoEMonitor(controllers=[ExpertBiasController()], log_every_n_steps=3)
-    second = MoEMonitor(controllers=[ExpertBiasController()], log_every_n_steps=2)
+    first = MoEMonitor(controllers=[ExpertBiasController()], log_every_n_steps=3, name="slow")
+    second = MoEMonitor(controllers=[ExpertBiasController()], log_every_n_steps=2, name="fast")
     with pytest.raises(ValueError, match=r"model\.blocks\.0\.moe\.router\.expert_bias is already turned"):
         trainer(tmp_path, [first, second]).fit(tiny_lm(), datamodule=make_data())
 
