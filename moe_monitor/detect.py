@@ -37,6 +37,7 @@ RULES: tuple[str, ...] = (
     "max_violation",
     "dead_experts",
     "dropped_fraction",
+    "unrouted_tokens",
     "z_loss_spike",
     "saturation",
 )
@@ -47,6 +48,7 @@ _SEVERITY = {
     "max_violation": "warning",
     "dead_experts": "warning",
     "dropped_fraction": "warning",
+    "unrouted_tokens": "warning",
     "z_loss_spike": "warning",
     "saturation": "warning",
 }
@@ -212,6 +214,9 @@ class CollapseDetector:
             beyond 10 % a sizeable part of the batch skips its MLP. This is capacity overflow, not necessarily a
             collapse: a healthy router at capacity factor 1.25 drops 25-60 % of the assignments in its first
             windows and 5-10 % later (measured on the reference model), which is worth a warning.
+        max_unrouted_fraction: alert when more than this fraction of a layer's tokens was selected by no expert
+            (expert choice with a small capacity; a router that marks tokens "no expert"). Those tokens skip the
+            layer's MLP like dropped assignments do, and ``dropped_fraction`` does not see them. 0.1, as for drops.
         nonfinite: alert immediately (no patience) on any token with NaN/Inf router logits; a diverging router
             does not get better by waiting.
         z_loss_spike: alert when the router z-loss exceeds this multiple of its running median over the last
@@ -267,6 +272,7 @@ class CollapseDetector:
         recovery: int = 3,
         hysteresis: float = 0.1,
         phases: Iterable[str] | None = None,
+        max_unrouted_fraction: float | None = 0.1,
     ) -> None:
         if patience < 1:
             raise ValueError(f"patience={patience} must be at least 1 window.")
@@ -293,6 +299,7 @@ class CollapseDetector:
         for name, val in (
             ("max_dropped_fraction", max_dropped_fraction),
             ("z_loss_spike", z_loss_spike),
+            ("max_unrouted_fraction", max_unrouted_fraction),
         ):
             if val is not None and not val > 0:
                 raise ValueError(f"{name}={val} must be positive, or None to switch the rule off.")
@@ -314,6 +321,7 @@ class CollapseDetector:
         self.recovery = recovery
         self.hysteresis = hysteresis
         self.phases = None if phases is None else tuple(phases)
+        self.max_unrouted_fraction = max_unrouted_fraction
         self._states: dict[tuple[str, str, str], _RuleState] = {}
         self._z_history: dict[tuple[str, str], deque[float]] = {}
         self._events: list[CollapseEvent] = []
@@ -327,6 +335,7 @@ class CollapseDetector:
             "max_violation": self.max_violation is not None,
             "dead_experts": self.dead_expert_p is not None,
             "dropped_fraction": self.max_dropped_fraction is not None,
+            "unrouted_tokens": self.max_unrouted_fraction is not None,
             "z_loss_spike": self.z_loss_spike is not None,
             "saturation": self.saturation_confidence is not None,
         }
@@ -468,6 +477,13 @@ class CollapseDetector:
             )
             verdicts["dropped_fraction"].detail = f"overloaded experts {_fmt_experts(hot, loads)}"
 
+        if self.max_unrouted_fraction is not None:
+            unrouted = stat.get("unrouted_fraction", math.nan)
+            verdicts["unrouted_tokens"] = self._upper_bound(unrouted, self.max_unrouted_fraction, ())
+            tokens = int(snap.tokens[index]) if snap.tokens.numel() else 0
+            if _finite(unrouted):
+                verdicts["unrouted_tokens"].detail = f"{round(unrouted * tokens)} of {tokens} tokens"
+
         if self.z_loss_spike is not None:
             z = stat.get("z_loss", math.nan)
             history = self._z_history.get((snap.phase, snap.layer_names[index]), ())
@@ -596,6 +612,13 @@ class CollapseDetector:
                 "batch routes less evenly than the window, and healthy routers at capacity factor 1.25 drop "
                 "25-60 % early in training. Try: raise capacity_factor (e.g. 1.25 -> 2.0) or go dropless, or "
                 "rebalance the router (--control bias or aux)."
+            )
+        elif rule == "unrouted_tokens":
+            text = (
+                f"tokens routed nowhere, {v.detail} ({v.value:.1%} > {v.threshold:.1%}) were selected by no "
+                f"expert{lasting}; they skip this layer's experts (only the residual carries them), which the "
+                "dropped fraction does not show. Expert choice picks capacity x tokens / experts tokens per "
+                "expert: raise capacity_factor, or use token choice."
             )
         elif rule == "nonfinite_logits":
             text = (

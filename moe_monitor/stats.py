@@ -5,11 +5,19 @@ columns, excluded through ``num_experts_L``).
 
 Every function takes float64 CPU tensors and returns ``float64 [L]``. An empty window (no tokens, no assignments)
 gives NaN through 0/0, never an exception; so does a statistic a router cannot provide.
+
+One expert (``E = 1``): the router has no choice, and every statistic reads its degenerate ideal rather than a
+0/0 NaN, because each is well defined in the limit and a one-expert layer (e.g. a dense layer registered as a
+router) is not a router that fails to provide it: the load is exactly the fair share (``load_entropy`` 1,
+``max_violation`` 0, ``cv`` 0, ``gini`` 0) and the router's distribution is a point mass (``router_entropy`` 0,
+``top1_confidence`` 1; the counters add a one-expert token's normalised entropy as 0). The load side of the rule is
+implemented here and nowhere else.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -19,15 +27,20 @@ def _expert_mask(counts_LE: torch.Tensor, num_experts_L: torch.Tensor) -> torch.
 
 
 def load_entropy(counts_LE: torch.Tensor, num_experts_L: torch.Tensor) -> torch.Tensor:
-    """``-sum(load * ln load) / ln E``: 1 for perfectly balanced, 0 for a single expert.
+    """``-sum(load * ln load) / ln E``: 1 for perfectly balanced, 0 when one expert takes every assignment.
+
+    A one-expert layer reads 1: its only possible load is the fair share (see the module docstring).
 
     Example:
-        >>> load_entropy(torch.tensor([[1.0, 1.0], [2.0, 0.0]], dtype=torch.float64), torch.tensor([2, 2])).tolist()
-        [1.0, 0.0]
+        >>> counts = torch.tensor([[1.0, 1.0], [2.0, 0.0], [5.0, 0.0]], dtype=torch.float64)
+        >>> load_entropy(counts, torch.tensor([2, 2, 1])).tolist()
+        [1.0, 0.0, 1.0]
     """
     load_LE = counts_LE / counts_LE.sum(dim=1, keepdim=True)
     # 0.0 - x rather than -x so that a single-expert window reads 0.0, not -0.0.
-    return 0.0 - torch.special.xlogy(load_LE, load_LE).sum(dim=1) / num_experts_L.double().log()
+    entropy_L = 0.0 - torch.special.xlogy(load_LE, load_LE).sum(dim=1) / num_experts_L.double().log()
+    # ln 1 = 0: 0/0 for one expert; its entropy is 1 wherever the window is not empty (a NaN load stays NaN).
+    return torch.where((num_experts_L == 1) & (load_LE[:, 0] == load_LE[:, 0]), 1.0, entropy_L)
 
 
 def max_violation(counts_LE: torch.Tensor, num_experts_L: torch.Tensor) -> torch.Tensor:
@@ -110,12 +123,14 @@ def compute(
     top1_sum_L: torch.Tensor,
     dropped_L: torch.Tensor,
     drop_unknown_L: torch.Tensor | None = None,
+    unrouted_L: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every SPEC §3 statistic (keys as ``moe_monitor.snapshot.STAT_NAMES``) from a window's reduced sums.
+    """Every SPEC §3 statistic (keys as ``moe_monitor.snapshot.STAT_NAMES``, plus ``unrouted_fraction``).
 
     ``prob_tokens_L`` / ``logit_tokens_L`` are the tokens whose probabilities / logits were known: 0 makes the
     statistics that need them NaN. ``drop_unknown_L`` > 0 (assignments of a router with a capacity that did not
-    report its drops) makes ``dropped_fraction`` NaN: 0 would be a made-up number.
+    report its drops) makes ``dropped_fraction`` NaN: 0 would be a made-up number. ``unrouted_L`` are the counted
+    tokens no expert selected; ``unrouted_fraction = unrouted / tokens`` (NaN when not given).
 
     Example:
         >>> f64 = lambda *v: torch.tensor(v, dtype=torch.float64)
@@ -141,4 +156,40 @@ def compute(
         "z_loss": z_sum_L / logit_tokens_L,
         "router_entropy": entropy_sum_L / prob_tokens_L,
         "top1_confidence": top1_sum_L / prob_tokens_L,
+        "unrouted_fraction": (math.nan if unrouted_L is None else unrouted_L) / tokens_L,
     }
+
+
+def window(values_LF: torch.Tensor, layout: Any, num_experts_L: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`compute` on a reduced window buffer ``[L, F]``, each input read by its field name in ``layout``.
+
+    ``layout`` is the buffer's :class:`moe_monitor.counters.Layout` (its ``field(name)`` gives a field's columns),
+    so the reduction reads the same named columns the hook wrote.
+
+    Example:
+        >>> from moe_monitor.counters import Layout, forward_update
+        >>> from moe_monitor.routing import Routing
+        >>> layout = Layout(num_experts=2, coactivation=False, capacity_factors=())
+        >>> row_F = forward_update(Routing.from_topk(torch.tensor([[0], [1], [1]])), 2, 1, layout)
+        >>> round(window(row_F[None], layout, torch.tensor([2]))["max_violation"].item(), 4)
+        0.3333
+    """
+
+    def read(name: str) -> torch.Tensor:
+        values = values_LF[:, layout.field(name)].double()
+        return values if name in ("counts", "prob_sum") else values[:, 0]
+
+    return compute(
+        read("counts"),
+        read("prob_sum"),
+        num_experts_L,
+        read("tokens"),
+        read("prob_tokens"),
+        read("logit_tokens"),
+        read("z_sum"),
+        read("entropy_sum"),
+        read("top1_sum"),
+        read("dropped"),
+        read("drop_unknown"),
+        read("unrouted_tokens"),
+    )

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from detect_toys import MICRO
+from detect_toys import MICRO, expected_bias, tiny_mixtral
 from torch import nn
 
 from moe_monitor.adapters import RouterSpec
@@ -47,43 +47,34 @@ def roundtrip(state: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- AuxLossController
-def test_aux_grows_to_cap_holds_then_decays_to_base_per_layer():
-    model, monitor = reference()
+def test_aux_follows_a_hand_written_grow_hold_decay_sequence_per_layer():
+    model, monitor = reference()  # aux_loss_coef 0.01 on every layer
     router0, router1 = model.blocks[0].moe.router, model.blocks[1].moe.router
     ctl = AuxLossController(growth=2.0, decay=0.5, floor=0.01, max_coef=0.05, hold=2)
     ctl.setup(model, monitor)
-    coefs = []
-    events = ctl.on_window(window(1), [alert(LAYER0)])
-    coefs.append(router0.aux_loss_coef)
-    for step in range(2, 5):
-        ctl.on_window(window(step), [])
+    # Windows 1-4 alert on layer 0 (it keeps firing until its recovery event in window 5); windows 5-6 are held;
+    # from window 7 the excess over 0.01 halves per window until within 5 % of 0.01 (0.0005); window 15 alerts again.
+    shown = {1: [alert(LAYER0)], 5: [alert(LAYER0, kind="recovery")], 15: [alert(LAYER0)]}
+    expected = [0.02, 0.04, 0.05, 0.05, 0.05, 0.05, 0.03, 0.02, 0.015, 0.0125, 0.01125, 0.010625, 0.01, 0.01, 0.02]
+    coefs, events = [], []
+    for step in range(1, 16):
+        events += ctl.on_window(window(step), shown.get(step, []))
         coefs.append(router0.aux_loss_coef)
-    assert coefs == [0.02, 0.04, 0.05, 0.05]
+    assert coefs == pytest.approx(expected)
     assert router1.aux_loss_coef == 0.01  # only the collapsing layer is touched
-    (event,) = events
-    assert (event.kind, event.rule, event.layer, event.value, event.threshold) == (
-        "control",
-        "aux_loss_coef",
-        LAYER0,
-        0.02,
-        0.01,
+    # One event per change, none while the value stands still (windows 4-6, 14).
+    assert [e.step for e in events] == [1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 15]
+    assert {e.layer for e in events} == {LAYER0} and {e.rule for e in events} == {"aux_loss_coef"}
+    assert [e.value for e in events] == pytest.approx(
+        [0.02, 0.04, 0.05, 0.03, 0.02, 0.015, 0.0125, 0.01125, 0.010625, 0.01, 0.02]
     )
-    assert "0.01 -> 0.02" in event.message
-    assert ctl.on_window(window(5), [alert(LAYER0, kind="recovery")]) == []  # hold 1
-    assert ctl.on_window(window(6), []) == []  # hold 2
-    expected, value = [], 0.05
-    while value != 0.01:
-        value = 0.01 + (value - 0.01) * 0.5
-        value = 0.01 if value - 0.01 < 0.05 * 0.01 else value
-        expected.append(value)
-    seen = []
-    for step in range(7, 7 + len(expected) + 2):
-        seen += [e.value for e in ctl.on_window(window(step), [])]
-    assert seen == pytest.approx(expected) and router0.aux_loss_coef == 0.01
+    assert (events[0].value, events[0].threshold) == (0.02, 0.01) and "0.01 -> 0.02" in events[0].message
+    assert "decaying back" in events[3].message
     assert ctl.metrics() == {
-        f"controller/aux_loss/{LAYER0}/coef": 0.01,
+        f"controller/aux_loss/{LAYER0}/coef": 0.02,
         f"controller/aux_loss/{LAYER1}/coef": 0.01,
-        "controller/aux_loss/max_coef": 0.01,
+        "controller/aux_loss/max_coef": 0.02,
+        "controller/aux_loss/active_knobs": 2.0,
     }
 
 
@@ -108,20 +99,9 @@ def test_controllers_ignore_validation_windows_and_other_rules():
 
 
 def test_aux_on_mixtral_sets_model_and_config_coefficient():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        output_router_logits=True,
-        router_aux_loss_coef=0.001,
-    )
-    model = transformers.MixtralForCausalLM(config)
+    pytest.importorskip("transformers")
+    model = tiny_mixtral(router_aux_loss_coef=0.001)
+    config = model.config
     monitor = RouterMonitor(model)
     aux, noise = AuxLossController(), RouterNoiseController()
     aux.setup(model, monitor)
@@ -172,17 +152,6 @@ class CountingMonitor:
 
     def window_counts(self, phase: str = "train") -> torch.Tensor:
         return self.counts_LE
-
-
-def expected_bias(step_counts: list[list[float]], rate: float) -> list[float]:
-    """The update rule written as a plain loop."""
-    bias = [0.0] * len(step_counts[0])
-    for counts in step_counts:
-        mean = sum(counts) / len(counts)
-        bias = [b + rate * ((mean > c) - (mean < c)) for b, c in zip(bias, counts)]
-        centre = sum(bias) / len(bias)
-        bias = [b - centre for b in bias]
-    return bias
 
 
 def test_bias_update_uses_each_step_counts_and_window_restarts():
@@ -366,3 +335,17 @@ def test_make_controllers_parses_cli_lists():
         ExpertBiasController,
     ]
     assert make_controllers("") == [] and make_controllers(None) == [] and make_controllers("none") == []
+
+
+def test_bias_controller_triggers_are_deprecated_and_messages_speak_library_arguments():
+    with pytest.warns(FutureWarning, match=r"triggers=.*ignored.*Drop the argument"):
+        ExpertBiasController(triggers=("load_entropy",))
+    model, monitor = reference(expert_bias=True)
+    for router in model.routers:
+        router.kind = "expert_choice"
+    with pytest.raises(ValueError, match="expert-choice") as expert_choice:
+        ExpertBiasController().setup(model, monitor)
+    plain = nn.Sequential(nn.Linear(8, 4, bias=False))
+    with pytest.raises(ValueError, match="noise") as no_noise:
+        RouterNoiseController().setup(plain, RouterMonitor(plain, routers=[RouterSpec(name="0", top_k=2)]))
+    assert "--" not in str(expert_choice.value) + str(no_noise.value)

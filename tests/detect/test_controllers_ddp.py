@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.detect.detect_toys import expected_bias
 from tests.ports import free_port
 
 RATE = 0.01
 STEPS = 6
 WINDOW_AT = 3  # a window closes after this step, so the per-step differencing must restart
-
 
 
 def _worker(rank: int, world_size: int, port: int, results) -> None:
@@ -63,16 +63,6 @@ def _worker(rank: int, world_size: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def _expected_bias(step_counts: list[list[float]]) -> list[float]:
-    bias = [0.0] * len(step_counts[0])
-    for counts in step_counts:
-        mean = sum(counts) / len(counts)
-        bias = [b + RATE * ((mean > c) - (mean < c)) for b, c in zip(bias, counts)]
-        centre = sum(bias) / len(bias)
-        bias = [b - centre for b in bias]
-    return bias
-
-
 @pytest.mark.slow
 def test_expert_bias_is_identical_on_both_ranks_and_uses_the_global_counts():
     ctx = mp.get_context("spawn")
@@ -86,7 +76,7 @@ def test_expert_bias_is_identical_on_both_ranks_and_uses_the_global_counts():
     assert local0 != local1  # the ranks really routed different tokens
     for layer in range(len(bias0)):
         global_steps = [[a + b for a, b in zip(s0[layer], s1[layer])] for s0, s1 in zip(local0, local1)]
-        assert bias0[layer] == pytest.approx(_expected_bias(global_steps), abs=1e-6)
-        local_only = _expected_bias([s[layer] for s in local0])
+        assert bias0[layer] == pytest.approx(expected_bias(global_steps, RATE), abs=1e-6)
+        local_only = expected_bias([s[layer] for s in local0], RATE)
         assert bias0[layer] != pytest.approx(local_only, abs=1e-6)
     assert coefs0 == coefs1

@@ -90,3 +90,19 @@ def test_aux_loss_equals_transformers_load_balancing_loss_func():
     ours = monitor.collect(step=0).stats["aux_loss"][0].item()
     theirs = load_balancing_loss_func((logits_TE,), num_experts=num_experts, top_k=top_k).item()
     assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_a_one_expert_layer_reports_its_degenerate_ideal_not_nan():
+    replay = Replay()
+    monitor = RouterMonitor(nn.Sequential(replay), routers=[replay_spec("0", num_experts=1, top_k=1)])
+    logits_TE = torch.randn(20, 1)
+    replay(logits_TE, torch.zeros(20, 1, dtype=torch.long))
+    row = monitor.collect(step=1)
+    got = {name: row.stats[name][0].item() for name in row.stats}
+    # By hand: the only load is the fair share; the router's distribution is a point mass on expert 0.
+    assert got["load_entropy"] == 1.0
+    assert (got["max_violation"], got["cv"], got["gini"], got["dead_experts"]) == (0.0, 0.0, 0.0, 0.0)
+    assert (got["router_entropy"], got["top1_confidence"]) == (0.0, 1.0)
+    assert got["z_loss"] == pytest.approx(float((logits_TE.double() ** 2).mean()), rel=1e-6)
+    # An empty window still has no statistics.
+    assert np.isnan(monitor.collect(step=2).stats["load_entropy"][0].item())
