@@ -63,6 +63,7 @@ LAYER_COLUMNS: tuple[str, ...] = (
     "dropped",
     *STAT_NAMES,
     "nonfinite_tokens",
+    "unrouted_tokens",
 )
 """Columns of :meth:`History.layer_frame`, followed by one ``counterfactual_drop@<cf>`` per capacity factor."""
 
@@ -78,6 +79,7 @@ PART_ROWS = 2**18
 STATE_VERSION = 2
 
 _MIN_KEEP = 16
+# unrouted_tokens stays float: NaN in windows restored from states written before it was counted.
 _INT_VALUES = ("tokens", "assignments", "dropped", "nonfinite_tokens")
 _FILES = ("layers.csv", "experts.csv", "layers.parquet", "experts.parquet")
 
@@ -140,7 +142,15 @@ class History:
         self.num_experts = [int(e) for e in num_experts]
         self.top_k = [int(k) for k in top_k]
         self.cf_columns = [f"counterfactual_drop@{float(cf)!r}" for cf in capacity_factors]
-        self._value_columns = ("tokens", "assignments", "dropped", *STAT_NAMES, "nonfinite_tokens", *self.cf_columns)
+        self._value_columns = (
+            "tokens",
+            "assignments",
+            "dropped",
+            *STAT_NAMES,
+            "nonfinite_tokens",
+            "unrouted_tokens",
+            *self.cf_columns,
+        )
         width = max(self.num_experts)
         window_bytes = 8 * len(self.layer_names) * (width + len(self._value_columns))
         if keep_windows is None:
@@ -709,9 +719,7 @@ def _upgrade_v1(state: dict[str, Any], history: History) -> dict[str, Any]:
             counts_LE[i, : len(row)] = row
         counts.append(counts_LE)
         values.append(
-            np.array(
-                [record["layer"].get(name, [np.nan] * len(counts_LE)) for name in columns], dtype=np.float64
-            ).T
+            np.array([record["layer"].get(name, [np.nan] * len(counts_LE)) for name in columns], dtype=np.float64).T
         )
     return {
         "version": STATE_VERSION,

@@ -202,6 +202,7 @@ class RouterMonitor:
                         and routing.kept_A is None
                         and kind == "token_choice",
                         dropless=dropless,
+                        unrouted=kind != "token_choice",
                     )
                     if compiling:
                         # The row form: a compiled graph scales the update by the opaque forward weight.
@@ -384,11 +385,13 @@ class RouterMonitor:
             column["top1_sum"],
             column["dropped"],
             column["drop_unknown"],
+            column["unrouted_tokens"],
         )
         stat_values = {name: torch.where(disabled_L, math.nan, stat_values[name]) for name in STAT_NAMES}
         extras: dict[str, torch.Tensor] = {
             "assignments": counts_LE.sum(dim=1),
             "drop_unknown": column["drop_unknown"],
+            "unrouted_tokens": column["unrouted_tokens"],
             "disabled": disabled_L.double(),
         }
         for cf in layout.capacity_factors:

@@ -22,6 +22,7 @@ STAT_NAMES: tuple[str, ...] = (
     "z_loss",
     "router_entropy",
     "top1_confidence",
+    "unrouted_fraction",
 )
 
 

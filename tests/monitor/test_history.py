@@ -28,7 +28,11 @@ def snap(step: int, phase: str = "train", seed: int | None = None) -> Snapshot:
     return Snapshot(
         step=step, phase=phase, layer_names=NAMES, num_experts=EXPERTS, top_k=TOP_K, counts=counts,
         tokens=counts.sum(1) // 2, dropped=torch.tensor([0, 1, 2]), nonfinite_tokens=torch.tensor([0, 0, 3]),
-        stats=stats, extras={"counterfactual_drop@1.0": torch.rand(3, generator=generator, dtype=torch.float64)},
+        stats=stats,
+        extras={
+            "counterfactual_drop@1.0": torch.rand(3, generator=generator, dtype=torch.float64),
+            "unrouted_tokens": torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64),
+        },
     )
 
 
@@ -55,7 +59,9 @@ def expected_layers(snaps: list[Snapshot]) -> pd.DataFrame:
             row = {"step": s.step, "phase": s.phase, "layer": name, "layer_index": i, "num_experts": EXPERTS[i],
                    "top_k": TOP_K[i], "tokens": int(s.tokens[i]), "assignments": int(s.counts[i].sum()),
                    "dropped": int(s.dropped[i]), "nonfinite_tokens": int(s.nonfinite_tokens[i]),
-                   "counterfactual_drop@1.0": float(s.extras["counterfactual_drop@1.0"][i])}
+                   "counterfactual_drop@1.0": float(s.extras["counterfactual_drop@1.0"][i]),
+                   "unrouted_tokens": float(s.extras["unrouted_tokens"][i]) if "unrouted_tokens" in s.extras
+                   else float("nan")}
             row.update({name: float(s.stats[name][i]) for name in STAT_NAMES})
             rows.append(row)
     return pd.DataFrame(rows)
@@ -208,6 +214,7 @@ def test_state_without_files_is_bounded_and_restores_the_kept_windows():
 
 def test_version_1_state_is_upgraded():
     s = snap(5)
+    s.extras.pop("unrouted_tokens")  # not counted when version 1 was written: NaN after the upgrade
     record = {
         "step": 5, "phase": "train", "layer_names": NAMES, "num_experts": EXPERTS, "top_k": TOP_K,
         "counts": s.counts.tolist(),
