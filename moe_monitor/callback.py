@@ -320,7 +320,7 @@ class MoEMonitor(Callback):
         if previous is not None:
             # A second fit / validate / test with the same callback continues the same history.
             previous.detach()
-            watcher.load_state_dict(previous.state_dict())
+            watcher.continue_from(previous)
         self.watcher = watcher
         self._hooked, self._deferred = True, False
         self._apply_pending_state()

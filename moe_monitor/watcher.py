@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import traceback
 import warnings
@@ -28,10 +27,10 @@ import torch
 from torch import nn
 
 from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent
-from moe_monitor.monitor import LAYER_COLUMNS, RouterMonitor
+from moe_monitor.monitor import RouterMonitor
 from moe_monitor.sinks.base import Sink
 from moe_monitor.sinks.scalars import ScalarSink, scalar_metrics
-from moe_monitor.snapshot import STAT_NAMES, Snapshot
+from moe_monitor.snapshot import Snapshot
 
 __all__ = ["Watcher", "check_options", "make_sinks"]
 
@@ -252,6 +251,9 @@ class Watcher:
         self._warned: set[str] = set()
         self._closed = False
         self.monitor = RouterMonitor(model, routers=routers)
+        if not self.is_global_zero:
+            # Only the main process writes the history files; the others keep the recent windows, silently.
+            self.monitor.history.recent_only()
         self._controllers_ready = False
         if control:
             for controller in self.controllers:
@@ -475,6 +477,17 @@ class Watcher:
                     controller.load_state_dict(controller_state)
         self._pending_controller_state = pending
 
+    def continue_from(self, previous: Watcher) -> None:
+        """Carries on from another watcher of the same model (a second fit / validate / test of one callback).
+
+        Takes its detector and controller state and events, and its history itself: the same windows in memory and
+        the same open history files, so the run's files go on without a gap or a copy.
+        """
+        state = previous.state_dict()
+        state["monitor"] = None
+        self.load_state_dict(state)
+        self.monitor.history = previous.monitor.history
+
     # --------------------------------------------------------------------------------------------- lifetime
     def detach(self) -> None:
         """Removes the hooks without closing anything (the history stays readable)."""
@@ -563,11 +576,13 @@ class Watcher:
 
 
 class _HistoryFiles:
-    """``layers.csv``, ``experts.csv`` and ``events.csv`` in one directory, appended to as each window closes.
+    """The history files of one directory, written as each window closes, so a killed run leaves them on disk.
 
-    The first write puts the whole history so far (restored windows included) under a header; later windows
-    append their rows, so a run killed at any point leaves every finished window on disk. :meth:`finish` rewrites
-    the files in full and adds parquet twins.
+    ``layers.csv`` and the Parquet parts of the layer and expert rows are the monitor's
+    :class:`~moe_monitor.history.History`: the first directory to see a window opens it there (the windows still in
+    memory first; a restored checkpoint's files are continued without the replayed windows). ``events.csv`` is
+    written here: every event so far at the first window, then each window's new events. A further directory (a
+    second logger's folder) gets a full copy at :meth:`finish`.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -578,85 +593,27 @@ class _HistoryFiles:
         self, monitor: RouterMonitor, snapshot: Snapshot, new: Sequence[CollapseEvent], every: Sequence[CollapseEvent]
     ) -> None:
         """Writes one closed window: its rows, and its ``new`` events (``every`` event so far on the first write)."""
-        os.makedirs(self.path, exist_ok=True)
         if not self._started:
             self._started = True
-            monitor.layer_frame().to_csv(self._file("layers"), index=False)
-            monitor.expert_frame().to_csv(self._file("experts"), index=False)
-            _event_frame(every).to_csv(self._file("events"), index=False)
+            os.makedirs(self.path, exist_ok=True)
+            if monitor.history.directory is None:
+                monitor.history.open(self.path)
+            _event_frame(every).to_csv(self._events, index=False)
             return
-        # Rows of this window only, so the cost of a window does not grow with the history.
-        layers = layer_rows(snapshot, monitor.layout.capacity_factors)
-        layers.to_csv(self._file("layers"), mode="a", header=False, index=False)
-        expert_rows(snapshot).to_csv(self._file("experts"), mode="a", header=False, index=False)
         if new:
-            _event_frame(new).to_csv(self._file("events"), mode="a", header=False, index=False)
+            _event_frame(new).to_csv(self._events, mode="a", header=False, index=False)
 
     def finish(self, monitor: RouterMonitor, event_frame: pd.DataFrame) -> None:
-        monitor.save(self.path)
-        event_frame.to_csv(self._file("events"), index=False)
+        monitor.save(self.path)  # the history's own directory: flushed; any other: a full copy
+        event_frame.to_csv(self._events, index=False)
 
-    def _file(self, stem: str) -> str:
-        return os.path.join(self.path, f"{stem}.csv")
+    @property
+    def _events(self) -> str:
+        return os.path.join(self.path, "events.csv")
 
 
 def _event_frame(events: Sequence[CollapseEvent]) -> pd.DataFrame:
     return pd.DataFrame([event_record(e) for e in events], columns=list(EVENT_COLUMNS))
-
-
-def layer_rows(snapshot: Snapshot, capacity_factors: Sequence[float] = ()) -> pd.DataFrame:
-    """One row per layer of one window, in the columns and types of ``RouterMonitor.layer_frame``.
-
-    Example:
-        >>> snap = Snapshot(step=3, phase="train", layer_names=["r"], num_experts=[2], top_k=[1],
-        ...     counts=torch.tensor([[3, 1]]), tokens=torch.tensor([4]), dropped=torch.tensor([0]),
-        ...     nonfinite_tokens=torch.tensor([0]), stats={"load_entropy": torch.tensor([0.5])})
-        >>> row = layer_rows(snap).iloc[0]
-        >>> int(row.tokens), int(row.assignments), float(row.load_entropy), bool(pd.isna(row.gini))
-        (4, 4, 0.5, True)
-    """
-    cf_columns = [f"counterfactual_drop@{float(cf)!r}" for cf in capacity_factors]
-    num_layers = len(snapshot.layer_names)
-    columns: dict[str, list[Any]] = {
-        "step": [snapshot.step] * num_layers,
-        "phase": [snapshot.phase] * num_layers,
-        "layer": list(snapshot.layer_names),
-        "layer_index": list(range(num_layers)),
-        "num_experts": list(snapshot.num_experts),
-        "top_k": list(snapshot.top_k),
-        "tokens": snapshot.tokens.tolist(),
-        "assignments": snapshot.counts.sum(dim=1).tolist(),
-        "dropped": snapshot.dropped.tolist(),
-    }
-    nan_L = [math.nan] * num_layers
-    for name in STAT_NAMES:
-        values_L = snapshot.stats.get(name)
-        columns[name] = nan_L if values_L is None else values_L.tolist()
-    columns["nonfinite_tokens"] = snapshot.nonfinite_tokens.tolist()
-    for name in cf_columns:
-        values_L = snapshot.extras.get(name)
-        columns[name] = nan_L if values_L is None else values_L.tolist()
-    frame = pd.DataFrame(columns, columns=[*LAYER_COLUMNS, *cf_columns])
-    return frame.astype({"step": "int64", "layer_index": "int64", "tokens": "int64", "assignments": "int64"})
-
-
-def expert_rows(snapshot: Snapshot) -> pd.DataFrame:
-    """One row per (layer, expert of that layer) of one window, in the columns of ``RouterMonitor.expert_frame``.
-
-    Example:
-        >>> snap = Snapshot(step=3, phase="train", layer_names=["r"], num_experts=[2], top_k=[1],
-        ...     counts=torch.tensor([[3, 1]]), tokens=torch.tensor([4]), dropped=torch.tensor([0]),
-        ...     nonfinite_tokens=torch.tensor([0]), stats={})
-        >>> expert_rows(snap)[["expert", "count", "load"]].values.tolist()
-        [[0.0, 3.0, 0.75], [1.0, 1.0, 0.25]]
-    """
-    loads_LE = snapshot.loads
-    rows = [
-        (snapshot.step, snapshot.phase, name, index, expert, int(snapshot.counts[index, expert]), float(load))
-        for index, (name, num_experts) in enumerate(zip(snapshot.layer_names, snapshot.num_experts))
-        for expert, load in enumerate(loads_LE[index, :num_experts].tolist())
-    ]
-    return pd.DataFrame(rows, columns=["step", "phase", "layer", "layer_index", "expert", "count", "load"])
 
 
 # ------------------------------------------------------------------------------------------------- sinks

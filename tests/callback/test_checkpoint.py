@@ -26,6 +26,8 @@ def test_two_instances_share_a_checkpoint_and_resume_where_they_stopped(tmp_path
     lm = make_lm()
     trainer = make_trainer(tmp_path, [watching, second], max_steps=4, limit_val_batches=0)
     trainer.fit(lm, make_data())
+    # Read now: the history lives in files beside the run, which the resumed run goes on writing.
+    before = watching.layer_frame()
     path = tmp_path / "step4.ckpt"
     trainer.save_checkpoint(path)
     coef_at_4 = lm.model.blocks[0].moe.router.aux_loss_coef
@@ -43,7 +45,6 @@ def test_two_instances_share_a_checkpoint_and_resume_where_they_stopped(tmp_path
     frame = watching2.layer_frame()
     assert sorted(set(frame.step)) == [2, 4, 6, 8]
     # Windows of the first run are carried over unchanged.
-    before = watching.layer_frame()
     assert frame[frame.step <= 4].reset_index(drop=True).equals(before.reset_index(drop=True))
     assert sorted(set(second2.layer_frame().step)) == [3, 4, 6, 8]  # 4 and 8: the partial windows at the end
     # The detector remembers alerts of the first run (an alert stays active: no second alert at step 6) ...

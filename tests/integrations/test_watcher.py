@@ -158,13 +158,13 @@ def test_a_killed_loop_leaves_every_finished_window_on_disk(tmp_path: Path) -> N
     script.write_text(textwrap.dedent(CRASHING_LOOP))
     result = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], env=env, timeout=120)
     assert result.returncode == -signal.SIGKILL
+    # layers.csv gets each window's rows as it closes; the expert rows go to Parquet parts at checkpoints, every
+    # few thousand windows and at any orderly stop, so a SIGKILL leaves the per-layer rows (assignments included).
     layers = pd.read_csv(tmp_path / "run" / "layers.csv")
-    experts = pd.read_csv(tmp_path / "run" / "experts.csv")
     assert layers.step.tolist() == [1, 1, 2, 2, 3, 3]
     real = [PaddedTokens.real_length(i) + PaddedTokens.real_length(i + 1) for i in (0, 2, 4)]
     assert layers[layers.layer_index == 0].tokens.tolist() == real
-    per_window = experts.groupby(["step", "layer_index"])["count"].sum()
-    assert per_window.tolist() == [2 * t for t in real for _ in range(2)]  # top-2: two assignments per token
+    assert layers.assignments.tolist() == [2 * t for t in real for _ in range(2)]  # top-2: two per token
     assert all(math.isfinite(v) for v in layers.load_entropy)
 
 
@@ -175,8 +175,13 @@ def test_files_appended_window_by_window_equal_the_final_rewrite(tmp_path: Path)
     _train(model, watcher, PaddedTokens(8), batch=2)
     with watcher.phase("val"), torch.no_grad():
         model(**stacked(PaddedTokens(4)))
-    appended = {name: (tmp_path / f"{name}.csv").read_text() for name in ("layers", "experts", "events")}
+    appended = {name: (tmp_path / f"{name}.csv").read_text() for name in ("layers", "events")}
     assert appended["layers"].count("\n") == 1 + 5 * 2  # header + (4 train + 1 val windows) x 2 layers
-    watcher.close()  # rewrites every file from the in-memory history
+    watcher.close()  # flushes the history (expert rows into Parquet parts) and rewrites events.csv in full
     for name, text in appended.items():
         assert (tmp_path / f"{name}.csv").read_text() == text, name
+    # The columnar files hold the same windows as the frames; the expert rows sum to the layers' assignments.
+    layers, experts = pd.read_parquet(tmp_path / "layers.parquet"), pd.read_parquet(tmp_path / "experts.parquet")
+    pd.testing.assert_frame_equal(layers, pd.read_csv(tmp_path / "layers.csv"), check_dtype=False)
+    per_window = experts.groupby(["step", "phase", "layer_index"], sort=False)["count"].sum()
+    assert per_window.tolist() == layers.assignments.tolist()
