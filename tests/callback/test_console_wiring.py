@@ -196,3 +196,16 @@ def test_two_wandb_offline_runs_keep_their_files_in_their_own_run_folders(tmp_pa
         assert cli.main(["report", str(offline_run), "-o", str(out)]) == 0
     assert not (save_dir / "moe_monitor").exists() and not (tmp_path / "moe_monitor").exists()
     assert sorted(os.listdir(save_dir)) == ["wandb"]
+
+
+def test_under_the_tqdm_bar_lines_go_through_tqdm_write_and_the_postfix_shows_the_status(tmp_path: Path, capfd) -> None:
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    callback = MoEMonitor(log_every_n_steps=2, detector=CollapseDetector(patience=1))
+    trainer = make_trainer(tmp_path, [callback, TQDMProgressBar()], max_steps=4, limit_val_batches=0,
+                           enable_progress_bar=True)  # fmt: skip
+    trainer.fit(_biased_lm(), make_data())
+    out = capfd.readouterr().out
+    collapsed = len(_incidents(callback.events))
+    assert collapsed and f"moe={collapsed}/2 collapsed" in out
+    assert "new incident" in out and "MoEMonitor summary" in out  # tqdm.write prints to the bar's stream, stdout
