@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pandas as pd
 import pytest
+import torch
 
 from moe_monitor import cli
 from moe_monitor.callback import MoEMonitor
@@ -209,3 +210,43 @@ def test_under_the_tqdm_bar_lines_go_through_tqdm_write_and_the_postfix_shows_th
     collapsed = len(_incidents(callback.events))
     assert collapsed and f"moe={collapsed}/2 collapsed" in out
     assert "new incident" in out and "MoEMonitor summary" in out  # tqdm.write prints to the bar's stream, stdout
+
+
+class _RepairRouters(pl.Callback):
+    """Gives every router fresh random gate rows at step 6: the biased start's collapse really ends."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == 6:
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for block in pl_module.model.blocks:
+                    weight_ED = block.moe.router.gate.weight
+                    weight_ED.copy_(torch.randn(weight_ED.shape, generator=generator))
+
+
+def _closed(events: list[Any]) -> int:
+    """A plain replay: how many times a layer's firing rules go back to none."""
+    firing: dict[str, set[str]] = {}
+    closed = 0
+    for event in events:
+        rules = firing.setdefault(event.layer, set())
+        if event.kind == "alert":
+            rules.add(event.rule)
+        elif event.kind == "recovery" and event.rule in rules:
+            rules.discard(event.rule)
+            closed += not rules
+    return closed
+
+
+def test_a_collapse_that_ends_prints_one_recovery_line_per_incident(tmp_path: Path, capfd, caplog) -> None:
+    detector = CollapseDetector(patience=1, recovery=1, dead_expert_p=None)
+    callback = MoEMonitor(log_every_n_steps=2, detector=detector)
+    trainer = make_trainer(tmp_path, [callback, _RepairRouters()], max_steps=20, limit_val_batches=0)
+    trainer.fit(_biased_lm(), make_data())
+    text = _seen(capfd, caplog)
+    recovered = [line for line in text.splitlines() if "] recovered: L0" in line]
+    assert _closed(callback.events) >= 1
+    assert len(recovered) == _closed(callback.events)
+    assert sum(len(steps) for steps in _incidents(callback.events).values()) == len(
+        [line for line in text.splitlines() if line.startswith("  L0") and line.endswith("]")]
+    )
