@@ -537,6 +537,12 @@ class Watcher:
         if self.detector is not None and state.get("detector") is not None:
             self.detector.load_state_dict(state["detector"])
         self.events = [CollapseEvent(**{**e, "experts": tuple(e["experts"])}) for e in state.get("events", [])]
+        # The incidents still open at the checkpoint stay open: the progress bar and the console know them.
+        names = [layer.name for layer in self.monitor.layers]
+        self.tracker = IncidentTracker()
+        self._safely("track incidents", self.tracker.update, self.events, names)
+        if self.console is not None:
+            self._safely("track incidents", self.console.tracker.update, self.events, names)
         pending = dict(state.get("controllers", {}))
         if self._controllers_ready:
             for controller in self.controllers:

@@ -250,3 +250,23 @@ def test_a_collapse_that_ends_prints_one_recovery_line_per_incident(tmp_path: Pa
     assert sum(len(steps) for steps in _incidents(callback.events).values()) == len(
         [line for line in text.splitlines() if line.startswith("  L0") and line.endswith("]")]
     )
+
+
+def test_a_resumed_run_still_shows_the_incidents_open_at_the_checkpoint(tmp_path: Path) -> None:
+    first = MoEMonitor(log_every_n_steps=2, detector=CollapseDetector(patience=1), console=False)
+    lm = _biased_lm()
+    trainer = make_trainer(tmp_path, [first], max_steps=4, limit_val_batches=0)
+    trainer.fit(lm, make_data())
+    path = tmp_path / "step4.ckpt"
+    trainer.save_checkpoint(path)
+    open_at_4 = set(_incidents(first.events))
+    assert open_at_4 and not [e for e in first.events if e.kind == "recovery"]
+
+    resumed, reader = MoEMonitor(log_every_n_steps=2, detector=CollapseDetector(patience=1)), _BarReader()
+    trainer2 = make_trainer(tmp_path, [resumed, reader], max_steps=8, limit_val_batches=0, enable_progress_bar=True)
+    trainer2.fit(_biased_lm(), make_data(), ckpt_path=path)
+    # The detector remembers its alerts (no new ones after step 4), yet the bar still counts the open incidents.
+    assert not [e for e in resumed.events if e.kind == "alert" and e.step > 4]
+    still_open = set(_incidents(resumed.events)) - {e.layer for e in resumed.events if e.kind == "recovery"}
+    assert reader.seen[-1]["moe"] == f"{len(still_open)}/2 collapsed"
+    assert len(still_open) == len(open_at_4)
