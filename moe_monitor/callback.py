@@ -19,14 +19,17 @@ import pandas as pd
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent
 from moe_monitor.monitor import NoRoutersFoundError, RouterMonitor
-from moe_monitor.watcher import STATE_VERSION, Watcher, check_options, controller_name
+from moe_monitor.sinks.console import ConsoleSink
+from moe_monitor.watcher import STATE_VERSION, Watcher, check_options, console_sink, controller_name
 
 # Forwards of the sanity-check validation go to a phase that is never collected, so they are never counted.
 _SANITY_PHASE = "sanity_check"
+# Without a logger the history goes to <default_root_dir>/<_NO_LOGGER_DIR>/run_<N>/, one folder per fit.
+_NO_LOGGER_DIR = "moe_runs"
 
 
 class MoEMonitor(Callback):
@@ -53,10 +56,12 @@ class MoEMonitor(Callback):
     closes at once.
 
     The hooks are removed at ``teardown`` and when the run raises. Rank zero appends each window's rows to
-    ``layers.csv``, ``experts.csv`` and ``events.csv`` in ``<trainer.log_dir>/moe_monitor`` (or
-    ``<default_root_dir>/moe_monitor`` without a logger; ``.../moe_monitor/<name>`` when named) as the window closes,
-    so an exception, Ctrl-C or a killed process keeps every finished window; at the end of ``fit`` the files are
-    rewritten in full with parquet twins. The history stays in memory too: :meth:`layer_frame`,
+    ``layers.csv``, ``experts.csv`` and ``events.csv`` beside the run of the trainer's first logger as the window
+    closes: ``<trainer.log_dir>/moe_monitor`` for TensorBoard / CSV loggers, ``<W&B run dir>/files/moe_monitor``
+    (the W&B run's own folder, ``run.dir``) for a ``WandbLogger``, and without a logger a new
+    ``<default_root_dir>/moe_runs/run_<N>`` per fit, printed at setup (``.../<name>`` when named). So an exception,
+    Ctrl-C or a killed process keeps every finished window; at the end of ``fit`` the files are rewritten in full
+    with parquet twins and ``summary.json``. The history stays in memory too: :meth:`layer_frame`,
     :meth:`expert_frame`, :meth:`event_frame`. A failing logger, detector, controller or missing optional
     package warns once and never stops training. An error raised inside ``torch.distributed`` (a broken process
     group) is not caught: swallowed on one process, it would leave the others waiting in the next collective.
@@ -64,6 +69,14 @@ class MoEMonitor(Callback):
     Several monitors on one trainer (say, one every step and one every 100 steps) need distinct ``name`` s: each
     then logs under ``moe/<name>/<phase>/...`` and writes its own files; two with the same name (or two without)
     are refused at ``setup``.
+
+    **Console** (rank zero, ``console=True``): one line per new incident (a layer breaking, every rule involved)
+    with a hint, a line when it turns critical or recovers, a line when a controller moves a knob materially, and
+    at the end of ``fit`` a summary naming the files and the ``moe-monitor report`` command; through ``tqdm.write``
+    under Lightning's TQDM progress bar (the bar stays whole), else Lightning's ``rank_zero_info``. The progress
+    bar shows ``moe`` (``ok``, ``2/4 collapsed``, ``1/4 alert``) and ``moe_entropy`` (the worst layer's load
+    entropy) of the latest training window, like ``lr`` of ``LearningRateMonitor`` (``moe_<name>`` and
+    ``moe_<name>_entropy`` when named).
 
     **Logged metrics** (through every logger of the trainer, at ``step=trainer.global_step``, rank zero only;
     ``<phase>`` is ``train``, ``val`` or ``test``; ``<LL>`` is the router's index in model order, ``L00``, ``L01``,
@@ -77,7 +90,8 @@ class MoEMonitor(Callback):
     - ``moe/<phase>/all/layers_with_dead_experts``: layers with an expert that got no token in the window.
     - ``moe/<phase>/load/<LL>/E<EE>``: each expert's share of its layer's assignments, only with
       ``log_expert_loads=True``.
-    - Each controller's ``metrics()``, e.g. ``controller/aux_loss/max_coef``, per training window.
+    - Each controller's ``metrics()``, e.g. ``controller/aux_loss/max_coef``, per training window; module paths in
+      its keys become ``<LL>`` labels (``controller/bias/L00/range``).
     - With ``name="fast"``, every key above becomes ``moe/fast/<phase>/...`` and ``controller/fast/...``.
 
     TensorBoard also gets ``moe/<phase>/expert_load/<LL>`` histograms (one bucket per expert),
@@ -103,6 +117,10 @@ class MoEMonitor(Callback):
         save_frames: write the history files to ``<log_dir>/moe_monitor`` during ``fit``.
         name: distinguishes several monitors of one trainer: key prefix ``moe/<name>/<phase>/...`` (and
             ``controller/<name>/...``), files in ``<log_dir>/moe_monitor/<name>``, and part of :attr:`state_key`.
+        console: ``True`` prints incidents, recoveries, knob changes and the run summary (hints name
+            ``MoEMonitor`` arguments); ``"cli"`` words the hints as ``moe-monitor train`` flags; a
+            :class:`~moe_monitor.sinks.console.ConsoleSink` is used as given; ``False`` prints nothing (the
+            progress bar fields stay).
 
     Raises:
         MisconfigurationException: an argument is of the wrong type or out of range (the message lists what is
@@ -135,6 +153,7 @@ class MoEMonitor(Callback):
         stop_on_collapse: bool = False,
         save_frames: bool = True,
         name: str | None = None,
+        console: bool | Literal["library", "cli"] | ConsoleSink = True,
     ) -> None:
         flags = {
             "log_expert_loads": log_expert_loads,
@@ -155,6 +174,7 @@ class MoEMonitor(Callback):
             on_alert=on_alert,
             name=name,
             owner="MoEMonitor",
+            console=console,
         )
         self.log_every_n_steps = log_every_n_steps
         self.log_expert_loads = log_expert_loads
@@ -167,6 +187,7 @@ class MoEMonitor(Callback):
         self.stop_on_collapse = stop_on_collapse
         self.save_frames = save_frames
         self.name = name
+        self.console = console
 
         self.watcher: Watcher | None = None
         self.stopped_by_collapse = False
@@ -176,6 +197,7 @@ class MoEMonitor(Callback):
         self._deferred = False
         self._stage: str | None = None
         self._files_dir: str | None = None
+        self._bar: tuple[Any, Callable[..., Any]] | None = None  # the progress bar and its own get_metrics
 
     # ------------------------------------------------------------------------------------------------- state
     @property
@@ -262,8 +284,8 @@ class MoEMonitor(Callback):
             return
         _check_distinct(trainer)
         # `trainer.log_dir` is a broadcast: every process must ask for it, not only the one that writes.
-        root = (trainer.log_dir or trainer.default_root_dir) if stage == "fit" and self.save_frames else None
-        self._files_dir = None if root is None else os.path.join(root, "moe_monitor")
+        saving = stage == "fit" and self.save_frames
+        self._files_dir = _files_dir(trainer, trainer.log_dir) if saving else None
         try:
             self._attach(trainer, pl_module, stage)
         except NoRoutersFoundError:
@@ -292,11 +314,16 @@ class MoEMonitor(Callback):
             if not trainer.loggers:
                 rank_zero_warn(
                     "MoEMonitor: the Trainer has no logger, so routing statistics go to no dashboard. The history is"
-                    " kept in memory (`MoEMonitor.layer_frame()`) and written to `<default_root_dir>/moe_monitor` as"
-                    " each window closes.",
+                    " kept in memory (`MoEMonitor.layer_frame()`) and written, as each window closes, to a new"
+                    " folder `<default_root_dir>/moe_runs/run_<N>` per fit (named on the console).",
                     category=RuntimeWarning,
                 )
+                if self._files_dir:
+                    rank_zero_info(f"MoEMonitor: history files of this run: {self._files_dir}")
             sinks = [*trainer.loggers, *([self._files_dir] if self._files_dir else [])]
+            console = console_sink(self.console, self.controllers, "MoEMonitor", _console_out(trainer))
+        else:
+            console = False
         try:
             watcher = Watcher(
                 pl_module,
@@ -313,6 +340,7 @@ class MoEMonitor(Callback):
                 stop_on_collapse=self.stop_on_collapse,
                 control=stage == "fit",
                 is_global_zero=trainer.is_global_zero,
+                console=False if console is None else console,
             )
         except NoRoutersFoundError as err:
             hint = "" if "MoEMonitor(routers=" in str(err) else "\n" + _routers_hint(pl_module)
@@ -324,6 +352,45 @@ class MoEMonitor(Callback):
         self.watcher = watcher
         self._hooked, self._deferred = True, False
         self._apply_pending_state()
+        if trainer.is_global_zero:
+            self._show_status(trainer)
+
+    # ------------------------------------------------------------------------------------------ progress bar
+    def status(self) -> dict[str, str | float]:
+        """The progress-bar fields of the latest training window (empty before the first one).
+
+        ``{"moe": "ok" | "2/4 collapsed" | "1/4 alert", "moe_entropy": worst load entropy}``; keys
+        ``moe_<name>`` and ``moe_<name>_entropy`` for a named monitor.
+        """
+        if self.watcher is None:
+            return {}
+        fields = self.watcher.status("train")
+        if self.name is None:
+            return fields
+        return {f"moe_{self.name}" + key[len("moe") :]: value for key, value in fields.items()}
+
+    def _show_status(self, trainer: pl.Trainer) -> None:
+        """Adds :meth:`status` to what the trainer's progress bar shows (its ``get_metrics``), until detach."""
+        bar = trainer.progress_bar_callback
+        if bar is None or self._bar is not None:
+            return
+        own = bar.get_metrics
+
+        def get_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+            metrics = own(trainer, pl_module)
+            fields = self.watcher._safely("show the progress bar status", self.status) if self.watcher else None
+            return {**metrics, **(fields or {})}
+
+        bar.get_metrics = get_metrics
+        self._bar = (bar, get_metrics)
+
+    def _hide_status(self) -> None:
+        if self._bar is None:
+            return
+        bar, ours = self._bar
+        self._bar = None
+        if bar.__dict__.get("get_metrics") is ours:
+            del bar.get_metrics  # the class' own method again
 
     # ------------------------------------------------------------------------------------------------- train
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -398,11 +465,45 @@ class MoEMonitor(Callback):
         if self.watcher is not None:
             self.watcher.detach()
         self._hooked = False
+        self._hide_status()
 
     def _enter_phase(self, phase: str) -> None:
         if self._hooked:
             self._phase_scope.close()
             self._phase_scope.enter_context(self.watcher.phase(phase, close=False))
+
+
+def _files_dir(trainer: pl.Trainer, log_dir: str | None) -> str | None:
+    """Where rank zero writes the history of this fit: beside the first logger's run, never shared by two runs.
+
+    TensorBoard / CSV: ``<log_dir>/moe_monitor`` (``version_N`` is the run's own). W&B: the run's own folder
+    (``run.dir``, ``wandb/<run>/files``), as ``trainer.log_dir`` of a ``WandbLogger`` is the ``save_dir`` every run
+    shares. No logger: a new ``<default_root_dir>/moe_runs/run_<N>``.
+    """
+    if not trainer.is_global_zero:
+        return None
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if logger is None:
+        root = os.path.join(trainer.default_root_dir, _NO_LOGGER_DIR)
+        taken = set(os.listdir(root)) if os.path.isdir(root) else set()
+        number = next(n for n in range(len(taken) + 1) if f"run_{n}" not in taken)
+        return os.path.join(root, f"run_{number}")
+    if type(logger).__name__ == "WandbLogger":
+        run_dir = getattr(logger.experiment, "dir", None)
+        if isinstance(run_dir, str) and run_dir:
+            return os.path.join(run_dir, "moe_monitor")
+    return os.path.join(log_dir or trainer.default_root_dir, "moe_monitor")
+
+
+def _console_out(trainer: pl.Trainer) -> Callable[[str], Any]:
+    """``tqdm.write`` under Lightning's TQDM bar (which then redraws whole), else ``rank_zero_info``."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    if isinstance(trainer.progress_bar_callback, TQDMProgressBar):
+        from tqdm import tqdm
+
+        return tqdm.write
+    return rank_zero_info
 
 
 def _check_distinct(trainer: pl.Trainer) -> None:

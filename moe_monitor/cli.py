@@ -401,6 +401,7 @@ def build_callbacks(args: argparse.Namespace) -> list[Callback]:
             log_expert_loads=args.log_expert_loads,
             controllers=controllers,
             stop_on_collapse=args.stop_on_collapse,
+            console="cli",
         ),
     )
     return callbacks

@@ -20,6 +20,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
@@ -27,12 +28,14 @@ import torch
 from torch import nn
 
 from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent
+from moe_monitor.incidents import IncidentTracker, progress_status
 from moe_monitor.monitor import RouterMonitor
-from moe_monitor.sinks.base import Sink
+from moe_monitor.sinks.base import Sink, relabel_controller_metrics
+from moe_monitor.sinks.console import INTERFACES, ConsoleSink
 from moe_monitor.sinks.scalars import ScalarSink, scalar_metrics
 from moe_monitor.snapshot import Snapshot
 
-__all__ = ["Watcher", "check_options", "make_sinks"]
+__all__ = ["Watcher", "check_options", "console_sink", "make_sinks"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ def check_options(
     on_alert: Any,
     name: Any,
     owner: str,
+    console: Any = True,
 ) -> tuple[Any, tuple[Any, ...]]:
     """Checks the options every integration shares; raises ``error`` with what is allowed.
 
@@ -120,7 +124,33 @@ def check_options(
             f"name={name!r} is not valid; choose None or a short identifier of letters, digits, '_' and '-' (it"
             f" becomes the key prefix moe/<name>/... and the folder of this {owner}'s files)."
         )
+    if not (isinstance(console, (bool, ConsoleSink)) or (isinstance(console, str) and console in INTERFACES)):
+        raise error(
+            f"console={console!r} is not valid; choose True (incident lines and a summary on the console), False"
+            " (none), 'cli' (hints name moe-monitor train flags) or a `moe_monitor.sinks.console.ConsoleSink`."
+        )
     return detector, controllers
+
+
+def console_sink(
+    console: bool | str | ConsoleSink, controllers: Iterable[Any], owner: str, out: Any = None
+) -> ConsoleSink | None:
+    """The console sink a ``console=`` option asks for (checked by :func:`check_options`), or ``None``.
+
+    ``True`` is the library interface (hints name Python arguments of ``owner``), ``"cli"`` the ``moe-monitor
+    train`` flags; a :class:`~moe_monitor.sinks.console.ConsoleSink` is used as it is.
+
+    Example:
+        >>> sink = console_sink("cli", ["bias"], "MoEMonitor")
+        >>> sink.interface, sink.running, console_sink(False, [], "MoEMonitor")
+        ('cli', ['bias'], None)
+    """
+    if isinstance(console, ConsoleSink):
+        return console
+    if console is False:
+        return None
+    interface = console if isinstance(console, str) else "library"
+    return ConsoleSink(interface=interface, controllers=controllers, out=out, owner=owner)
 
 
 class Watcher:
@@ -170,6 +200,11 @@ class Watcher:
         control: set up and run the controllers (``False`` for evaluation-only use: their state is kept).
         is_global_zero: whether this process writes to sinks and files; ``None`` asks ``torch.distributed``
             (rank 0, or the only process).
+        console: what a person watching the terminal sees (main process only): ``True`` (default) prints one line
+            per new incident with a hint, recoveries, material knob changes and, at :meth:`close`, a summary with
+            the ``moe-monitor report`` command (also written as ``summary.json`` beside the history files);
+            ``"cli"`` words the hints as ``moe-monitor train`` flags; a
+            :class:`~moe_monitor.sinks.console.ConsoleSink` (e.g. with ``out=tqdm.write``); ``False``: silent.
 
     Raises:
         ValueError: an argument is of the wrong type or out of range; the message lists what is allowed.
@@ -210,6 +245,7 @@ class Watcher:
         stop_on_collapse: bool = False,
         control: bool = True,
         is_global_zero: bool | None = None,
+        console: bool | Literal["library", "cli"] | ConsoleSink = True,
     ) -> None:
         flags = {
             "log_expert_loads": log_expert_loads,
@@ -230,6 +266,7 @@ class Watcher:
             on_alert=on_alert,
             name=name,
             owner="Watcher",
+            console=console,
         )
         self.log_every = log_every
         self.name = name
@@ -240,7 +277,12 @@ class Watcher:
         self._views = (log_histograms, log_heatmaps)
         self.sinks: list[Sink] = []
         self._files: list[_HistoryFiles] = []
+        self.console = console_sink(console, self.controllers, "Watcher") if self.is_global_zero else None
+        if self.console is not None:
+            self.sinks.append(self.console)
         self.add_sinks(sinks)
+        self.tracker = IncidentTracker()  # every window's events folded into incidents, for `status`
+        self._latest: dict[str, Snapshot] = {}
 
         self.events: list[CollapseEvent] = []
         self.should_stop = False
@@ -328,6 +370,7 @@ class Watcher:
                 name = controller_name(controller)
                 events += self._safely(f"run {name}.on_window", controller.on_window, snapshot, detected) or []
         self.events.extend(events)
+        self._track(snapshot, events)
         critical = [e for e in events if e.kind == "alert" and e.severity == "critical"]
         if self.stop_on_collapse and critical and not self.should_stop:
             self.should_stop = True
@@ -339,14 +382,39 @@ class Watcher:
             for controller in self.controllers:
                 read = self._safely(f"read {controller_name(controller)}.metrics", controller.metrics) or {}
                 metrics.update({self._controller_key(key): value for key, value in read.items()})
-            self._publish(snapshot, metrics, events)
-            for event in events:
-                if event.kind == "alert":
-                    level = logging.WARNING if event.severity in ("warning", "critical") else logging.INFO
-                    log.log(level, "moe_monitor %s alert at step %d: %s", event.severity, event.step, event.message)
-                    if self.on_alert is not None:
+            # Controllers name per-layer knobs by module path; every dashboard tags layers `L00`, `L01`, ...
+            metrics = relabel_controller_metrics(metrics, snapshot.layer_names)
+            self._publish(snapshot, metrics, events)  # the console sink prints the alerts, once per incident
+            if self.on_alert is not None:
+                for event in events:
+                    if event.kind == "alert":
                         self._safely("call on_alert", self.on_alert, event)
         return events
+
+    def _track(self, snapshot: Snapshot, events: Sequence[CollapseEvent]) -> None:
+        self._latest[snapshot.phase] = snapshot
+        self._safely("track incidents", self.tracker.update, events, snapshot.layer_names)
+
+    def status(self, phase: str = "train") -> dict[str, str | float]:
+        """The progress-bar fields of the latest ``phase`` window: ``moe`` (``"ok"``, ``"2/4 collapsed"``, ...)
+        and ``moe_entropy`` (the worst layer's load entropy); see :func:`~moe_monitor.incidents.progress_status`.
+        Empty before the first window of ``phase``.
+
+        Example:
+            >>> import torch
+            >>> from moe_monitor.reference import MoEConfig, MoETransformer
+            >>> model = MoETransformer(MoEConfig(d_model=16, n_layers=1, n_heads=2, n_experts=4, top_k=2,
+            ...     d_expert=16))
+            >>> watcher = Watcher(model, log_every=1, console=False)
+            >>> watcher.status()
+            {}
+            >>> _ = model(torch.randint(0, 256, (2, 8))); _ = watcher.step(1)
+            >>> sorted(watcher.status())
+            ['moe', 'moe_entropy']
+        """
+        if phase not in self._latest:
+            return {}
+        return progress_status(self._latest[phase], self.tracker, phase)
 
     # --------------------------------------------------------------------------------------------- evaluation
     @contextlib.contextmanager
@@ -399,6 +467,8 @@ class Watcher:
     def _eval_window(self, phase: str, step: int) -> Snapshot | None:
         self.monitor.set_token_mask(None)
         snapshot = self._safely(f"close the {phase} window", self.monitor.collect, step, phase)
+        if snapshot is not None:
+            self._latest[phase] = snapshot
         if snapshot is not None and self.is_global_zero:
             metrics = self._safely("compute scalars", scalar_metrics, self._published(snapshot), self.log_expert_loads)
             self._publish(snapshot, metrics or {}, [])
@@ -409,7 +479,7 @@ class Watcher:
 
         For dashboards that exist only after the watcher, e.g. a trainer's SummaryWriter opened at training start.
         """
-        sinks, directories = make_sinks(targets, *self._views)
+        sinks, directories = make_sinks(targets, *self._views, detector=self.detector)
         self.sinks += sinks
         self._files += [_HistoryFiles(d if self.name is None else os.path.join(d, self.name)) for d in directories]
 
@@ -469,6 +539,12 @@ class Watcher:
         if self.detector is not None and state.get("detector") is not None:
             self.detector.load_state_dict(state["detector"])
         self.events = [CollapseEvent(**{**e, "experts": tuple(e["experts"])}) for e in state.get("events", [])]
+        # The incidents still open at the checkpoint stay open: the progress bar and the console know them.
+        names = [layer.name for layer in self.monitor.layers]
+        self.tracker = IncidentTracker()
+        self._safely("track incidents", self.tracker.update, self.events, names)
+        if self.console is not None:
+            self._safely("track incidents", self.console.tracker.update, self.events, names)
         pending = dict(state.get("controllers", {}))
         if self._controllers_ready:
             for controller in self.controllers:
@@ -509,14 +585,20 @@ class Watcher:
             self.detach()
 
     def finish(self) -> None:
-        """Finishes the sinks (end-of-run views) and rewrites the history files in full (CSV and parquet)."""
+        """Finishes the sinks (end-of-run views), rewrites the history files in full (CSV and parquet), then
+        prints the console summary, which lists those files and writes ``summary.json`` beside them."""
         if not self.is_global_zero:
             return
         layer_frame, event_frame = self.layer_frame(), self.event_frame()
         for sink in self.sinks:
-            self._safely(f"finish the {sink.name} sink", sink.finish, layer_frame, event_frame)
+            if sink is not self.console:
+                self._safely(f"finish the {sink.name} sink", sink.finish, layer_frame, event_frame)
         for files in self._files:
             self._safely("save the history", files.finish, self.monitor, event_frame)
+        if self.console is not None:
+            if self.console.history_dir is None and self._files:
+                self.console.history_dir = Path(self._files[0].path)
+            self._safely("finish the console sink", self.console.finish, layer_frame, event_frame)
 
     @property
     def files(self) -> list[str]:
@@ -640,8 +722,12 @@ class _RunLogger:
         self.experiment.log({**metrics, STEP_KEY: step})
 
 
-def make_sinks(targets: Iterable[Any], log_histograms: bool = True, log_heatmaps: bool = True) -> tuple[list, list]:
+def make_sinks(
+    targets: Iterable[Any], log_histograms: bool = True, log_heatmaps: bool = True, detector: Any = None
+) -> tuple[list, list]:
     """Turns what a user gives as ``sinks=`` into sink objects and history directories.
+
+    ``detector`` gives TensorBoard sinks the alert thresholds they draw beside each statistic.
 
     Returns:
         ``(sinks, directories)``.
@@ -665,14 +751,14 @@ def make_sinks(targets: Iterable[Any], log_histograms: bool = True, log_heatmaps
             from moe_monitor.sinks.tensorboard import TensorBoardSink
 
             logger = _WriterLogger(target)
-            sinks += [ScalarSink([logger]), TensorBoardSink(logger, log_histograms, log_heatmaps)]
+            sinks += [ScalarSink([logger]), TensorBoardSink(logger, log_histograms, log_heatmaps, detector)]
         elif _is_wandb_run(target):
             from moe_monitor.sinks.wandb import WandbSink
 
             logger = _RunLogger(target)
             sinks += [ScalarSink([logger]), WandbSink(logger, log_histograms, log_heatmaps)]
         elif callable(getattr(target, "log_metrics", None)):  # a Lightning logger
-            sinks += _logger_sinks(target, log_histograms, log_heatmaps)
+            sinks += _logger_sinks(target, log_histograms, log_heatmaps, detector)
         else:
             raise ValueError(
                 f"sinks contains {target!r}, which no sink knows; choose a torch.utils.tensorboard.SummaryWriter, a"
@@ -681,14 +767,14 @@ def make_sinks(targets: Iterable[Any], log_histograms: bool = True, log_heatmaps
     return sinks, directories
 
 
-def _logger_sinks(logger: Any, log_histograms: bool, log_heatmaps: bool) -> list[Sink]:
+def _logger_sinks(logger: Any, log_histograms: bool, log_heatmaps: bool, detector: Any) -> list[Sink]:
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     sinks: list[Sink] = [ScalarSink([logger])]
     if isinstance(logger, TensorBoardLogger):
         from moe_monitor.sinks.tensorboard import TensorBoardSink
 
-        sinks.append(TensorBoardSink(logger, log_histograms, log_heatmaps))
+        sinks.append(TensorBoardSink(logger, log_histograms, log_heatmaps, detector))
     elif isinstance(logger, WandbLogger):
         from moe_monitor.sinks.wandb import WandbSink
 

@@ -18,8 +18,9 @@ import torch
 
 from moe_monitor.detect import CollapseDetector, CollapseEvent
 from moe_monitor.sinks.base import Sink
+from moe_monitor.sinks.console import ConsoleSink
 from moe_monitor.snapshot import Snapshot
-from moe_monitor.watcher import Watcher, check_options
+from moe_monitor.watcher import Watcher, check_options, console_sink
 
 try:
     from transformers import TrainerCallback
@@ -79,6 +80,10 @@ class MoETrainerCallback(TrainerCallback):
         save_frames: write the history files under ``output_dir``.
         name: distinguishes several monitors of one Trainer (key prefix ``moe/<name>/...``, own files and
             checkpoint file).
+        console: ``True`` prints (through ``tqdm.write``, so the Trainer's progress bar stays whole) one line per
+            new incident with a hint, recoveries, knob changes and an end-of-run summary with the
+            ``moe-monitor report`` command (``summary.json`` beside the history files); ``"cli"`` words hints as
+            ``moe-monitor train`` flags; a :class:`~moe_monitor.sinks.console.ConsoleSink`; ``False``: silent.
 
     Raises:
         ValueError: an argument is of the wrong type or out of range; the message lists what is allowed.
@@ -107,6 +112,7 @@ class MoETrainerCallback(TrainerCallback):
         stop_on_collapse: bool = False,
         save_frames: bool = True,
         name: str | None = None,
+        console: bool | Literal["library", "cli"] | ConsoleSink = True,
     ) -> None:
         flags = {
             "log_expert_loads": log_expert_loads,
@@ -127,7 +133,9 @@ class MoETrainerCallback(TrainerCallback):
             on_alert=on_alert,
             name=name,
             owner="MoETrainerCallback",
+            console=console,
         )
+        self.console = console
         self.log_every = log_every
         self.log_expert_loads = log_expert_loads
         self.log_histograms = log_histograms
@@ -172,6 +180,7 @@ class MoETrainerCallback(TrainerCallback):
             on_alert=self.on_alert,
             stop_on_collapse=self.stop_on_collapse,
             is_global_zero=bool(state.is_world_process_zero),
+            console=console_sink(self.console, self.controllers, "MoETrainerCallback", _tqdm_write()) or False,
         )
         self._mask_hook = model.register_forward_pre_hook(self._read_mask, with_kwargs=True)
 
@@ -315,6 +324,12 @@ class _IntegrationSink(Sink):
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def _tqdm_write() -> Callable[[str], Any]:
+    from tqdm.auto import tqdm
+
+    return tqdm.write
+
+
 def _logging_steps(args: Any, state: Any) -> int:
     # `logging_steps` < 1 is a fraction of the run, which the Trainer resolves only at train start.
     steps = getattr(state, "logging_steps", None) or args.logging_steps

@@ -276,7 +276,8 @@ class ConsoleSink(Sink):
         history = str(self.history_dir) if self.history_dir is not None else None
         files = []
         if self.history_dir is not None and self.history_dir.is_dir():
-            files = sorted(p.name for p in self.history_dir.iterdir() if p.is_file())
+            # Files and the Parquet datasets beside them (folders of part files, read back as one).
+            files = sorted(p.name for p in self.history_dir.iterdir() if p.is_file() or p.suffix == ".parquet")
         files = sorted(set(files) | ({"summary.json"} if history else set()))
         knobs = self._knob_metrics or {
             f"controller/{c.rule}/{c.label}": c.new for c in tracker.knobs.values()

@@ -87,7 +87,7 @@ def test_no_logger_warns_and_keeps_the_history(tmp_path: Path) -> None:
     with pytest.warns(RuntimeWarning, match="no logger"):
         trainer.fit(make_lm(), make_data())
     assert callback.layer_frame().step.tolist() == [1, 1, 2, 2]
-    assert (tmp_path / "moe_monitor" / "layers.csv").exists()
+    assert (tmp_path / "moe_runs" / "run_0" / "layers.csv").exists()  # its own folder, never shared
 
 
 def test_two_named_monitors_keep_their_own_keys_and_files(tmp_path: Path) -> None:

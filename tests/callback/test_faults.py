@@ -78,7 +78,7 @@ def test_exception_mid_fit_leaves_no_hook(tmp_path: Path) -> None:
         trainer.fit(lm, make_data())
     assert all(not router._forward_hooks for router in routers_of(lm))
     assert sorted(set(callback.layer_frame().step)) == [1, 2, 3]  # the history survives the crash ...
-    on_disk = pd.read_csv(tmp_path / "moe_monitor" / "layers.csv")  # ... and so do its files, written as it went
+    on_disk = pd.read_csv(tmp_path / "moe_runs" / "run_0" / "layers.csv")  # ... and its files
     assert on_disk.step.tolist() == [1, 1, 2, 2, 3, 3]
     assert (on_disk.tokens == 4 * SEQ_LEN).all()
 
@@ -96,9 +96,9 @@ def test_ctrl_c_keeps_the_finished_windows_on_disk(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, [MoEMonitor(log_every_n_steps=2)], max_steps=10)
     with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns the interrupt into an exit
         trainer.fit(lm, make_data())
-    on_disk = pd.read_csv(tmp_path / "moe_monitor" / "layers.csv")
+    on_disk = pd.read_csv(tmp_path / "moe_runs" / "run_0" / "layers.csv")  # a logger-less run's own folder
     assert on_disk.step.tolist() == [2, 2, 4, 4]
-    events = pd.read_csv(tmp_path / "moe_monitor" / "events.csv")  # the header at least, even with no event
+    events = pd.read_csv(tmp_path / "moe_runs" / "run_0" / "events.csv")  # the header at least, even with no event
     assert "rule" in events.columns
     assert all(not router._forward_hooks for router in routers_of(lm))
 

@@ -90,16 +90,3 @@ def training_args(out: Any, **overrides: Any) -> Any:
     options.update(overrides)
     return TrainingArguments(**options)
 
-
-def expert_histograms(events: Any, tag: str) -> list[tuple[int, list[int]]]:
-    """``(step, counts per expert)`` of each expert-load histogram ``tag`` in a TensorBoard event accumulator.
-
-    The sinks write histograms in the histogram plugin's tensor form, ``[[left, right, count], ...]``, one bucket
-    per expert.
-    """
-    from tensorboard.util import tensor_util
-
-    return [
-        (event.step, [int(bucket[2]) for bucket in tensor_util.make_ndarray(event.tensor_proto).tolist()])
-        for event in events.Tensors(tag)
-    ]

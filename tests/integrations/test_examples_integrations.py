@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.integrations.tb_read import accumulate, main_run
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -24,7 +26,6 @@ def _load(name: str):
 @pytest.mark.slow
 def test_huggingface_trainer_example_logs_windows_and_checkpoints_the_monitor(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     trainer, callback = _load("huggingface_trainer").main(["--steps", "4", "--out", str(tmp_path)])
     frame = callback.watcher.layer_frame()
@@ -33,9 +34,7 @@ def test_huggingface_trainer_example_logs_windows_and_checkpoints_the_monitor(tm
     assert (train.tokens == 2 * 4 * 24).all()  # 2 micro-batches of 4 samples, 24 of 32 positions real
     assert sorted(set(frame[frame.phase == "val"].step)) == [2, 4]
     assert (tmp_path / "checkpoint-2" / "moe_monitor.pt").exists()
-    (event_dir,) = {p.parent for p in tmp_path.glob("runs/**/events.out.tfevents.*")}
-    events = EventAccumulator(str(event_dir))
-    events.Reload()
+    events = accumulate(main_run(tmp_path, "runs/**/events.out.tfevents.*"))
     assert [s.step for s in events.Scalars("moe/val/load_entropy/L01")] == [2, 4]
 
 

@@ -19,28 +19,17 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from moe_monitor import AuxLossController, CollapseDetector  # noqa: E402
 from moe_monitor.integrations.transformers import STATE_FILE, MoETrainerCallback  # noqa: E402
-from tests.integrations.hf_toys import (  # noqa: E402
-    PaddedTokens,
-    expert_counts,
-    expert_histograms,
-    tiny_model,
-    training_args,
-)
+from tests.integrations.hf_toys import PaddedTokens, expert_counts, tiny_model, training_args  # noqa: E402
+from tests.integrations.tb_read import accumulate, expert_load, main_run  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
 
 def _events(log_dir: Path) -> Any:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
-    accumulator.Reload()
-    return accumulator
+    return accumulate(log_dir)
 
 
 def _tensorboard_dir(out: Path) -> Path:
-    # The run's own event file; the TensorBoard sink adds one run per layer under layers/ (one colour each).
-    (event_file,) = [p for p in out.glob("**/events.out.tfevents.*") if "layers" not in p.relative_to(out).parts]
-    return event_file.parent
+    return main_run(out)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -75,16 +64,16 @@ def test_trainer_windows_counts_and_tensorboard_views_match_an_independent_recou
     recount_LE = expert_counts(model, train)
     events = _events(_tensorboard_dir(tmp_path))
     for layer in range(2):
-        windows = expert_histograms(events, f"moe/train/expert_load/L{layer:02d}")
+        windows = expert_load(events, f"moe/train/expert_load/L{layer:02d}")
         assert [step for step, _ in windows] == [2, 4]
         buckets = [counts for _, counts in windows]
         assert [sum(col) for col in zip(*buckets)] == recount_LE[layer].tolist()
         entropies = {s.step: s.value for s in events.Scalars(f"moe/train/load_entropy/L{layer:02d}")}
-        for step, counts in windows:
+        for (step, _), counts in zip(windows, buckets):
             loads = [c / sum(counts) for c in counts]
             expected = -sum(p * math.log(p) for p in loads if p > 0) / math.log(4)
             assert entropies[step] == pytest.approx(expected, abs=1e-6)  # TensorBoard stores float32
-    val_hist = expert_histograms(events, "moe/val/expert_load/L01")
+    val_hist = expert_load(events, "moe/val/expert_load/L01")
     assert [counts for _, counts in val_hist] == [expert_counts(model, val)[1].tolist()]
     assert "moe/train/load_heatmap" in events.Tags()["images"]
     # trainer_state.json keeps the scalars too, and the history files are on disk.

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from moe_monitor import CollapseDetector, Watcher
-from tests.integrations.hf_toys import PaddedTokens, expert_counts, expert_histograms, stacked, tiny_model
+from tests.integrations.hf_toys import PaddedTokens, expert_counts, stacked, tiny_model
+from tests.integrations.tb_read import accumulate, expert_load
 
 pytest.importorskip("transformers")
 
@@ -34,7 +35,6 @@ def _train(model: torch.nn.Module, watcher: Watcher, data: PaddedTokens, batch: 
 
 
 def test_plain_loop_windows_and_tensorboard_views_match_an_independent_recount(tmp_path: Path) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
     model, data = tiny_model("mixtral"), PaddedTokens(16)
@@ -54,16 +54,15 @@ def test_plain_loop_windows_and_tensorboard_views_match_an_independent_recount(t
     assert (frame[frame.phase == "val"].tokens == val.real_tokens()).all()
 
     recount_LE = expert_counts(model, data)
-    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
-    events.Reload()
+    events = accumulate(tmp_path / "tb")
     for layer in range(2):
-        windows = expert_histograms(events, f"moe/train/expert_load/L{layer:02d}")
+        windows = expert_load(events, f"moe/train/expert_load/L{layer:02d}")
         buckets = [counts for _, counts in windows]
         assert [sum(col) for col in zip(*buckets)] == recount_LE[layer].tolist()
         maxvio = {s.step: s.value for s in events.Scalars(f"moe/train/max_violation/L{layer:02d}")}
-        for step, counts in windows:
+        for (step, _), counts in zip(windows, buckets):
             assert maxvio[step] == pytest.approx(max(counts) / (sum(counts) / 4) - 1, abs=1e-6)
-    val_counts = expert_histograms(events, "moe/val/expert_load/L00")[0][1]
+    val_counts = expert_load(events, "moe/val/expert_load/L00")[0][1]
     assert val_counts == expert_counts(model, val)[0].tolist()
     on_disk = pd.read_csv(tmp_path / "files" / "layers.csv")
     assert on_disk[["step", "phase", "tokens"]].equals(frame[["step", "phase", "tokens"]])
