@@ -667,7 +667,7 @@ def make_snapshot(
     layer_names: Sequence[str] | None = None,
     **stats: Sequence[float],
 ) -> Snapshot:
-    """Builds a :class:`Snapshot` from per-expert counts, computing the count-based SPEC §3 statistics.
+    """Builds a :class:`Snapshot` from per-expert counts, computing the count-based statistics (docs/metrics.md).
 
     The statistics come from :func:`moe_monitor.stats.compute`, as the monitor's do (so a single expert's load
     entropy is NaN, 0/0, and an empty window's statistics are NaN). Meant for tests, examples and replaying logged

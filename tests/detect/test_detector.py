@@ -51,7 +51,7 @@ def entropy(counts: list[int]) -> float:
 
 
 def loop_stats(counts: list[int], dropped: int) -> dict[str, float]:
-    """The count statistics of SPEC §3 by plain loops over one layer's counts (NaN where a formula is 0/0)."""
+    """The count statistics of docs/metrics.md by plain loops over one layer's counts (NaN where a formula is 0/0)."""
     n, total = len(counts), sum(counts)
     if total == 0:
         names = ("load_entropy", "max_violation", "cv", "gini", "dead_experts", "dropped_fraction")
