@@ -3,8 +3,9 @@
 Keys (``<phase>`` is ``train``, ``val`` or ``test``; ``<LL>`` a layer label such as ``L03``, the router's index in
 model order, zero-padded to at least two digits; ``<EE>`` an expert label such as ``E05``):
 
-- ``moe/<phase>/<stat>/<LL>``: each statistic of the metric reference, docs/metrics.md (:data:`~moe_monitor.snapshot.STAT_NAMES`) per layer,
-  for models of at most :data:`PER_LAYER_MAX_LAYERS` routers (``per_layer="auto"``) or with ``per_layer=True``.
+- ``moe/<phase>/<stat>/<LL>``: each statistic of the metric reference, docs/metrics.md
+  (:data:`~moe_monitor.snapshot.STAT_NAMES`) per layer, for models of at most :data:`PER_LAYER_MAX_LAYERS` routers
+  (``per_layer="auto"``) or with ``per_layer=True``.
 - Above that (or with ``per_layer=False``): ``moe/<phase>/<stat>/{min,p50,p95,max}``, each statistic's quantiles
   across layers, and ``moe/<phase>/<stat>/<LL>`` only for the :data:`WORST_LAYERS` worst layers of each statistic
   of :data:`WORST` (the layer with the lowest load entropy, ...), so a dashboard names the layers to look at.
