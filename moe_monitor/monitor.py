@@ -386,6 +386,7 @@ class RouterMonitor:
             column["dropped"],
             column["drop_unknown"],
             column["unrouted_tokens"],
+            column["skipped"],
         )
         stat_values = {name: torch.where(disabled_L, math.nan, stat_values[name]) for name in STAT_NAMES}
         extras: dict[str, torch.Tensor] = {
@@ -414,6 +415,8 @@ class RouterMonitor:
             nonfinite_tokens=column["nonfinite_tokens"].round().long(),
             stats=stat_values,
             extras=extras,
+            kept=(counts_LE - host_LF[:, layout.lost]).round().long(),
+            skipped=column["skipped"].round().long(),
         )
         self.history.append(snapshot)
         return snapshot
