@@ -62,7 +62,8 @@ def expected_layers(snaps: list[Snapshot]) -> pd.DataFrame:
         for i, name in enumerate(NAMES):
             row = {"step": s.step, "phase": s.phase, "layer": name, "layer_index": i, "num_experts": EXPERTS[i],
                    "top_k": TOP_K[i], "tokens": int(s.tokens[i]), "assignments": int(s.counts[i].sum()),
-                   "dropped": int(s.dropped[i]), "skipped": int(s.skipped[i]), "nonfinite_tokens": int(s.nonfinite_tokens[i]),
+                   "dropped": int(s.dropped[i]), "skipped": int(s.skipped[i]),
+                   "nonfinite_tokens": int(s.nonfinite_tokens[i]),
                    "counterfactual_drop@1.0": float(s.extras["counterfactual_drop@1.0"][i]),
                    "unrouted_tokens": float(s.extras["unrouted_tokens"][i]) if "unrouted_tokens" in s.extras
                    else float("nan")}
