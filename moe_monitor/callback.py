@@ -122,6 +122,8 @@ class MoEMonitor(Callback):
             ``MoEMonitor`` arguments); ``"cli"`` words the hints as ``moe-monitor train`` flags; a
             :class:`~moe_monitor.sinks.console.ConsoleSink` is used as given; ``False`` prints nothing (the
             progress bar fields stay).
+        process_group: the ``torch.distributed`` group the windows and controllers reduce over; ``None``: the
+            default group (see :class:`~moe_monitor.monitor.RouterMonitor` and docs/distributed.md).
 
     Raises:
         MisconfigurationException: an argument is of the wrong type or out of range (the message lists what is
@@ -155,6 +157,7 @@ class MoEMonitor(Callback):
         save_frames: bool = True,
         name: str | None = None,
         console: bool | Literal["library", "cli"] | ConsoleSink = True,
+        process_group: Any = None,
     ) -> None:
         flags = {
             "log_expert_loads": log_expert_loads,
@@ -189,6 +192,7 @@ class MoEMonitor(Callback):
         self.save_frames = save_frames
         self.name = name
         self.console = console
+        self.process_group = process_group
 
         self.watcher: Watcher | None = None
         self.stopped_by_collapse = False
@@ -342,6 +346,7 @@ class MoEMonitor(Callback):
                 control=stage == "fit",
                 is_global_zero=trainer.is_global_zero,
                 console=False if console is None else console,
+                process_group=self.process_group,
             )
         except NoRoutersFoundError as err:
             hint = "" if "MoEMonitor(routers=" in str(err) else "\n" + _routers_hint(pl_module)
