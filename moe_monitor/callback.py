@@ -84,8 +84,8 @@ class MoEMonitor(Callback):
 
     - ``moe/<phase>/<stat>/<LL>`` for each statistic of the metric reference (docs/metrics.md):
       ``dropped_fraction``, ``load_entropy``, ``max_violation``, ``cv``, ``gini``, ``dead_experts``, ``aux_loss``,
-      ``z_loss``, ``router_entropy``, ``top1_confidence``, ``unrouted_fraction`` (NaN values, e.g. for a router
-      without logits, are not logged).
+      ``z_loss``, ``router_entropy``, ``top1_confidence``, ``unrouted_fraction``, ``skipped_fraction`` (NaN
+      values, e.g. for a router without logits, are not logged).
     - ``moe/<phase>/all/min_load_entropy``, ``moe/<phase>/all/max_max_violation``: the worst layer.
     - ``moe/<phase>/all/dropped_fraction``: dropped / selected assignments over all layers.
     - ``moe/<phase>/all/layers_with_dead_experts``: layers with an expert that got no token in the window.
