@@ -104,7 +104,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds the ``train`` subcommand to ``subparsers`` and returns its parser (extend it to add options)."""
+    """Adds the ``train`` subcommand to ``subparsers`` and returns its parser (extend it to add options).
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> _ = add_train_parser(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["train", "--steps", "20", "--control", "bias", "--resume", "last"])
+        >>> args.command, args.steps, args.control, args.resume
+        ('train', 20, 'bias', 'last')
+    """
     parser = subparsers.add_parser(
         "train",
         help="train the reference MoE transformer on the bundled corpus",
@@ -228,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds the ``report`` subcommand: a self-contained HTML page of one finished run, or several side by side."""
+    """Adds the ``report`` subcommand: a self-contained HTML page of one finished run, or several side by side.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> _ = add_report_parser(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["report", "runs/moe/version_0", "runs/moe/version_1"])
+        >>> args.command, [p.name if hasattr(p, "name") else p for p in args.run_dirs]
+        ('report', ['version_0', 'version_1'])
+    """
     parser = subparsers.add_parser(
         "report",
         help="write a self-contained HTML report of finished runs",
@@ -332,7 +348,15 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """Runs ``moe-monitor report``; returns 2 with the reason when the run directory holds no history."""
+    """Runs ``moe-monitor report``; returns 2 with the reason when the run directory holds no history.
+
+    Example:
+        >>> import contextlib, io, tempfile
+        >>> with tempfile.TemporaryDirectory() as empty, contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     code = run_report(build_parser().parse_args(["report", empty]))
+        >>> code, err.getvalue().startswith("moe-monitor report: error: no layers.csv")
+        (2, True)
+    """
     from moe_monitor.report import RunFilesNotFoundError, write_report
 
     try:
@@ -389,6 +413,10 @@ def scenario_of(args: argparse.Namespace) -> Any:
 
     Raises:
         ValueError: for an unknown name, listing the known ones.
+
+    Example:
+        >>> scenario_of(build_parser().parse_args(["train", "--scenario", "biased_init"])).name
+        'biased_init'
     """
     from moe_monitor.scenarios import SCENARIOS
 
@@ -945,7 +973,14 @@ def _print_summary(trainer: Any, loggers: list[Logger], args: argparse.Namespace
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``moe-monitor`` console script."""
+    """Entry point of the ``moe-monitor`` console script.
+
+    Example:
+        >>> import contextlib, io, tempfile
+        >>> with tempfile.TemporaryDirectory() as empty, contextlib.redirect_stderr(io.StringIO()):
+        ...     main(["report", empty])  # no run there: status 2 and the reason on stderr
+        2
+    """
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

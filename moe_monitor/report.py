@@ -56,7 +56,17 @@ _KNOB_TITLES = {"aux_loss_coef": "Aux-loss coefficient", "router_noise": "Router
 
 
 class RunFilesNotFoundError(FileNotFoundError):
-    """Raised when a run directory holds no frames saved by the monitor."""
+    """Raised when a run directory holds no frames saved by the monitor.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as empty:
+        ...     try:
+        ...         load_run(empty)
+        ...     except RunFilesNotFoundError as error:
+        ...         print(str(error)[:30], isinstance(error, FileNotFoundError))
+        no layers.csv or layers.parque True
+    """
 
 
 # ------------------------------------------------------------------------------------------------- finding files
@@ -124,6 +134,18 @@ def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None, pd
 
     Raises:
         RunFilesNotFoundError: when no ``layers`` frame is found, with what to do about it.
+
+    Example:
+        >>> import tempfile
+        >>> from moe_monitor.detect import make_snapshot
+        >>> from moe_monitor.history import History
+        >>> history = History(["router"], num_experts=[2], top_k=[1])
+        >>> history.append(make_snapshot([[30, 10]], step=10, top_k=1))
+        >>> with tempfile.TemporaryDirectory() as run_dir:
+        ...     _ = history.save(run_dir)
+        ...     layers, experts, events = load_run(run_dir)
+        >>> list(layers.step), list(experts["count"]), events is None
+        ([10], [30, 10], True)
     """
     history = find_history(run_dir)
     return _read_frame(history, "layers"), _read_frame(history, "experts"), _read_frame(history, "events")
