@@ -431,6 +431,13 @@ def build_callbacks(args: argparse.Namespace) -> list[Callback]:
 
     Raises:
         ValueError: for an unknown ``--control`` name, listing the known ones.
+
+    Example:
+        >>> args = build_parser().parse_args(["train", "--steps", "100", "--control", "bias"])
+        >>> callbacks = build_callbacks(args)
+        >>> monitor = next(c for c in callbacks if type(c).__name__ == "MoEMonitor")
+        >>> [type(c).__name__ for c in monitor.controllers]
+        ['ExpertBiasController']
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 

@@ -862,6 +862,19 @@ def render_report(run_dir: str | Path | Sequence[str | Path], title: str | None 
 
     Raises:
         RunFilesNotFoundError: when a folder holds no history, or the history of several runs.
+
+    Example:
+        >>> import tempfile
+        >>> from moe_monitor.detect import make_snapshot
+        >>> from moe_monitor.history import History
+        >>> history = History(["router"], num_experts=[2], top_k=[1])
+        >>> for step in (10, 20):
+        ...     history.append(make_snapshot([[30, 10]], step=step, top_k=1))
+        >>> run_dir = tempfile.mkdtemp()
+        >>> _ = history.save(run_dir)
+        >>> page = render_report(run_dir)
+        >>> page.startswith("<!DOCTYPE html>") or page.lstrip().lower().startswith("<!doctype html>")
+        True
     """
     dirs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
     if not dirs:
@@ -887,6 +900,19 @@ def write_report(run_dir: str | Path | Sequence[str | Path], output: str | Path 
 
     ``output`` defaults to ``RUN_DIR/moe_report.html`` for one run and ``FIRST_RUN_DIR/moe_compare.html`` for
     several.
+
+    Example:
+        >>> import tempfile
+        >>> from moe_monitor.detect import make_snapshot
+        >>> from moe_monitor.history import History
+        >>> history = History(["router"], num_experts=[2], top_k=[1])
+        >>> for step in (10, 20):
+        ...     history.append(make_snapshot([[30, 10]], step=step, top_k=1))
+        >>> run_dir = tempfile.mkdtemp()
+        >>> _ = history.save(run_dir)
+        >>> path = write_report(run_dir)
+        >>> path.name, path.stat().st_size > 1000
+        ('moe_report.html', True)
     """
     dirs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
     if output is not None:
