@@ -82,9 +82,10 @@ class MoEMonitor(Callback):
     ``<phase>`` is ``train``, ``val`` or ``test``; ``<LL>`` is the router's index in model order, ``L00``, ``L01``,
     ...; the module path of each label is the ``layer`` column of :meth:`layer_frame`, its index ``layer_index``):
 
-    - ``moe/<phase>/<stat>/<LL>`` for each statistic of SPEC §3: ``dropped_fraction``, ``load_entropy``,
-      ``max_violation``, ``cv``, ``gini``, ``dead_experts``, ``aux_loss``, ``z_loss``, ``router_entropy``,
-      ``top1_confidence`` (NaN values, e.g. for a router without logits, are not logged).
+    - ``moe/<phase>/<stat>/<LL>`` for each statistic of the metric reference (docs/metrics.md):
+      ``dropped_fraction``, ``load_entropy``, ``max_violation``, ``cv``, ``gini``, ``dead_experts``, ``aux_loss``,
+      ``z_loss``, ``router_entropy``, ``top1_confidence``, ``unrouted_fraction`` (NaN values, e.g. for a router
+      without logits, are not logged).
     - ``moe/<phase>/all/min_load_entropy``, ``moe/<phase>/all/max_max_violation``: the worst layer.
     - ``moe/<phase>/all/dropped_fraction``: dropped / selected assignments over all layers.
     - ``moe/<phase>/all/layers_with_dead_experts``: layers with an expert that got no token in the window.

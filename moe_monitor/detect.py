@@ -588,22 +588,22 @@ class CollapseDetector:
         if rule == "load_entropy":
             text = (
                 f"router collapse, load entropy {v.value:.2f} < {v.threshold:.2f}{lasting}; {v.detail}. "
-                "Try: raise aux_loss_coef (e.g. x10) or let AuxLossController / ExpertBiasController balance it "
-                "(--control aux,bias), add router noise (--control noise), or lower the learning rate."
+                "Try: raise aux_loss_coef (e.g. x10) or let AuxLossController / ExpertBiasController balance it, "
+                "add router noise (RouterNoiseController), or lower the learning rate."
             )
         elif rule == "max_violation":
             text = (
                 f"load imbalance, MaxVio {v.value:.2f} > {v.threshold:.2f}{lasting}; {v.detail}. "
                 "With a capacity limit its overflow is dropped. Try: auxiliary-loss-free expert bias "
-                "(--control bias) or a larger aux_loss_coef (--control aux)."
+                "(ExpertBiasController) or a larger aux_loss_coef (AuxLossController)."
             )
         elif rule == "dead_experts":
             if v.value >= self._num_experts(snap, layer) / 2:
                 severity = "critical"
             text = (
                 f"dead experts, {v.detail}{lasting}; their weights no longer train. Try: router noise "
-                "(--control noise), expert bias (--control bias), re-initialising those experts' gate rows, or "
-                "checking the router initialisation."
+                "(RouterNoiseController), expert bias (ExpertBiasController), re-initialising those experts' gate "
+                "rows, or checking the router initialisation."
             )
         elif rule == "dropped_fraction":
             text = (
@@ -611,7 +611,7 @@ class CollapseDetector:
                 f"{v.detail}. Those assignments skip their expert. This is not a router collapse by itself: each "
                 "batch routes less evenly than the window, and healthy routers at capacity factor 1.25 drop "
                 "25-60 % early in training. Try: raise capacity_factor (e.g. 1.25 -> 2.0) or go dropless, or "
-                "rebalance the router (--control bias or aux)."
+                "rebalance the router (ExpertBiasController or AuxLossController)."
             )
         elif rule == "unrouted_tokens":
             text = (
@@ -635,8 +635,8 @@ class CollapseDetector:
         else:
             text = (
                 f"router saturated, {v.detail}, top-1 >= {v.threshold:.2f}{lasting}: a nearly one-hot softmax "
-                "passes almost no gradient, so the collapse locks in. Try: router noise (--control noise), "
-                "z-loss, expert bias (--control bias) or a lower learning rate."
+                "passes almost no gradient, so the collapse locks in. Try: router noise (RouterNoiseController), "
+                "z-loss, expert bias (ExpertBiasController) or a lower learning rate."
             )
         return CollapseEvent(
             snap.step, snap.phase, layer, rule, v.value, v.threshold, severity, f"{where} {text}", v.experts, "alert"
@@ -667,7 +667,7 @@ def make_snapshot(
     layer_names: Sequence[str] | None = None,
     **stats: Sequence[float],
 ) -> Snapshot:
-    """Builds a :class:`Snapshot` from per-expert counts, computing the count-based SPEC §3 statistics.
+    """Builds a :class:`Snapshot` from per-expert counts, computing the count-based statistics (docs/metrics.md).
 
     The statistics come from :func:`moe_monitor.stats.compute`, as the monitor's do (so a single expert's load
     entropy is NaN, 0/0, and an empty window's statistics are NaN). Meant for tests, examples and replaying logged

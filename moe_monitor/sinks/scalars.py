@@ -3,8 +3,9 @@
 Keys (``<phase>`` is ``train``, ``val`` or ``test``; ``<LL>`` a layer label such as ``L03``, the router's index in
 model order, zero-padded to at least two digits; ``<EE>`` an expert label such as ``E05``):
 
-- ``moe/<phase>/<stat>/<LL>``: each statistic of SPEC §3 (:data:`~moe_monitor.snapshot.STAT_NAMES`) per layer,
-  for models of at most :data:`PER_LAYER_MAX_LAYERS` routers (``per_layer="auto"``) or with ``per_layer=True``.
+- ``moe/<phase>/<stat>/<LL>``: each statistic of the metric reference, docs/metrics.md
+  (:data:`~moe_monitor.snapshot.STAT_NAMES`) per layer, for models of at most :data:`PER_LAYER_MAX_LAYERS` routers
+  (``per_layer="auto"``) or with ``per_layer=True``.
 - Above that (or with ``per_layer=False``): ``moe/<phase>/<stat>/{min,p50,p95,max}``, each statistic's quantiles
   across layers, and ``moe/<phase>/<stat>/<LL>`` only for the :data:`WORST_LAYERS` worst layers of each statistic
   of :data:`WORST` (the layer with the lowest load entropy, ...), so a dashboard names the layers to look at.
@@ -15,9 +16,9 @@ model order, zero-padded to at least two digits; ``<EE>`` an expert label such a
 - ``moe/<phase>/load/<LL>/<EE>``: each expert's load, only with ``log_expert_loads=True``.
 
 Non-finite values (a statistic the router cannot provide, an empty window) are left out rather than logged as NaN.
-Keys per window (``S = 10`` statistics, ``L`` routers of ``E`` experts): at most ``S L + 4 = 10 L + 4`` per layer
-(``per_layer=True``); at most ``4 S + WORST_LAYERS * len(WORST) + 4 = 59`` bounded, whatever ``L``; plus ``L E``
-with expert loads.
+Keys per window (``S = len(STAT_NAMES) = 11`` statistics, ``L`` routers of ``E`` experts): at most
+``S L + 4 = 11 L + 4`` per layer (``per_layer=True``); at most ``4 S + WORST_LAYERS * len(WORST) + 4 = 63``
+bounded, whatever ``L``; plus ``L E`` with expert loads.
 
 Shape legend: ``L`` layers, ``E`` experts.
 """
@@ -95,8 +96,8 @@ def scalar_metrics(
 ) -> dict[str, float]:
     """The scalars of one window under the key scheme of this module.
 
-    Keys per window, with ``S = 10`` statistics and ``L`` routers: ``per_layer=True`` gives at most ``10 L + 4``
-    (every layer's statistics, then the 4 summaries); ``per_layer=False`` at most ``4 S + 3 * 5 + 4 = 59``
+    Keys per window, with ``S = 11`` statistics and ``L`` routers: ``per_layer=True`` gives at most ``11 L + 4``
+    (every layer's statistics, then the 4 summaries); ``per_layer=False`` at most ``4 S + 3 * 5 + 4 = 63``
     (4 quantiles per statistic, the 3 worst layers of 5 statistics, the 4 summaries), whatever ``L``;
     ``log_expert_loads`` adds ``L E``. Non-finite values are left out.
 

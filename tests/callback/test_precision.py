@@ -30,8 +30,8 @@ class SelectionLog:
                 return
             self.dtypes.add(output.logits_TE.dtype)
             logits = output.logits_TE.tolist()
-            # SPEC: a token whose logits hold a NaN or +inf is counted apart, in no statistic (fp16 weights can
-            # overflow within a few steps).
+            # docs/metrics.md: a token whose logits hold a NaN or +inf is counted apart, in no statistic (fp16
+            # weights can overflow within a few steps).
             finite = [all(x == x and x != float("inf") for x in row) for row in logits]
             for token, expert in zip(output.token_idx_A.tolist(), output.expert_idx_A.tolist()):
                 if finite[token]:

@@ -51,7 +51,7 @@ def entropy(counts: list[int]) -> float:
 
 
 def loop_stats(counts: list[int], dropped: int) -> dict[str, float]:
-    """The count statistics of SPEC §3 by plain loops over one layer's counts (NaN where a formula is 0/0)."""
+    """The count statistics of docs/metrics.md by plain loops over one layer's counts (NaN where a formula is 0/0)."""
     n, total = len(counts), sum(counts)
     if total == 0:
         names = ("load_entropy", "max_violation", "cv", "gini", "dead_experts", "dropped_fraction")
@@ -59,7 +59,8 @@ def loop_stats(counts: list[int], dropped: int) -> dict[str, float]:
     mean = total / n
     ranked = sorted(counts)
     return {
-        "load_entropy": entropy(counts) if n > 1 else math.nan,  # ln 1 = 0: a single expert has no entropy range
+        # A single expert is its own perfect balance (the stats module's rule for E = 1: its degenerate ideal).
+        "load_entropy": entropy(counts) if n > 1 else 1.0,
         "max_violation": max(counts) / mean - 1,
         "cv": math.sqrt(sum((c - mean) ** 2 for c in counts) / n) / mean,
         "gini": sum((2 * i - n - 1) * c for i, c in enumerate(ranked, start=1)) / (n * total),

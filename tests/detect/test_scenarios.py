@@ -258,14 +258,14 @@ class KnobReader(Controller):
 
     def __init__(self) -> None:
         super().__init__()
-        self.knobs: dict[tuple[int, str], tuple[float, float, list[float]]] = {}
+        self.readings: dict[tuple[int, str], tuple[float, float, list[float]]] = {}
 
     def _bind(self, model, monitor) -> None:
         self.routers = {name: m for name, m in model.named_modules() if name.endswith("moe.router")}
 
     def on_window(self, snapshot, events):
         for name, router in self.routers.items():
-            self.knobs[snapshot.step, name] = (router.aux_loss_coef, router.noise_std, router.expert_bias.tolist())
+            self.readings[snapshot.step, name] = (router.aux_loss_coef, router.noise_std, router.expert_bias.tolist())
         return []
 
 
@@ -285,16 +285,16 @@ def test_controllers_compose():
     controls = [e for e in result.events if e.kind == "control"]
     assert {e.rule for e in controls} == {"aux_loss_coef", "router_noise", "expert_bias"}
     for event in controls:
-        coef, noise_std, bias_E = reader.knobs[event.step, event.layer]
+        coef, noise_std, bias_E = reader.readings[event.step, event.layer]
         read = {"aux_loss_coef": coef, "router_noise": noise_std, "expert_bias": max(bias_E) - min(bias_E)}[event.rule]
         assert read == pytest.approx(event.value, rel=1e-6), event.message
     for name in reader.routers:
-        coef, noise_std, bias_E = reader.knobs[60, name]
+        coef, noise_std, bias_E = reader.readings[60, name]
         assert coef > 0.0 and noise_std > 0.0  # both raised from the scenario's 0
         assert abs(sum(bias_E)) < 1e-5 and max(map(abs, bias_E)) <= 2 * 1e-3 * 60  # mean-centred, <= 2 rates a step
         # In the first window experts 0 and 1 took most of the load (the aux loss and the noise come later, after the
         # alert), so the bias held them back most.
-        first_E = reader.knobs[LOG_EVERY, name][2]
+        first_E = reader.readings[LOG_EVERY, name][2]
         assert max(first_E[:2]) < min(first_E[2:])
     (bias,) = [c for c in result.controllers if isinstance(c, ExpertBiasController)]
     assert bias.metrics()["controller/bias/updates"] == 60  # every step, whatever the other two did
