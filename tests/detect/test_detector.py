@@ -282,7 +282,24 @@ def test_state_dict_round_trip_resumes_exactly():
     assert resumed.state_dict() == first.state_dict() and resumed.active == first.active
     later = [resumed.update(snap(stream[i], step=i, z_loss=[z[i]])) for i in range(5, len(stream))]
     assert later == ref_events[5:]
-    assert resumed.events == reference.events
+    # The events are the watcher's history, not the detector's state: each object lists what it raised.
+    assert "events" not in first.state_dict()
+    assert first.events + resumed.events == reference.events
+
+
+def test_old_states_with_events_still_load():
+    """Checkpoints written when the detector saved its events next to the watcher's still resume exactly."""
+    reference, first = CollapseDetector(patience=2), CollapseDetector(patience=2)
+    stream = [SKEWED] * 3 + [BALANCED] * 4
+    ref_events = [e for i, c in enumerate(stream) for e in reference.update(snap(c, step=i, z_loss=[12.0]))]
+    for i in range(3):
+        first.update(snap(stream[i], step=i, z_loss=[12.0]))
+    old = {**first.state_dict(), "events": [dict(vars(e), experts=list(e.experts)) for e in first.events]}
+    resumed = CollapseDetector(patience=2)
+    resumed.load_state_dict(old)
+    later = [e for i in range(3, len(stream)) for e in resumed.update(snap(stream[i], step=i, z_loss=[12.0]))]
+    assert [e.kind for e in later] == ["recovery", "recovery"] and first.events + later == ref_events
+    assert resumed.events == later
 
 
 @pytest.mark.parametrize(

@@ -248,8 +248,9 @@ def test_lightning_callback_detects_repairs_and_resumes_the_controller(tmp_path)
 
     _, resumed_lm, resumed, probe = fit(61, ckpt_path=tmp_path / "mid.ckpt")
     assert probe.coefs == coefs  # re-applied from the checkpoint, not the config's 0.0
-    # The detector's history and firing alerts came back too.
-    assert resumed.detector.events[: len(callback.detector.events)] == callback.detector.events
+    # The one event history (the callback's) and the detector's firing alerts came back too.
+    assert resumed.events[: len(callback.events)] == callback.events
+    assert resumed.event_frame()[: len(callback.events)].equals(callback.event_frame())
     assert resumed.detector.active >= {(e.layer, e.rule) for e in alerts} & callback.detector.active
 
 
