@@ -33,6 +33,11 @@ class Verdict:
         experts: experts involved.
         detail: the rule's findings, for the message.
         severity: this window's severity when it differs from the rule's (half the experts dead is critical).
+
+    Example:
+        >>> v = upper_bound(0.9, 0.8, hysteresis=0.1)
+        >>> v.status, v.value, v.threshold, v.severity
+        ('breach', 0.9, 0.8, None)
     """
 
     status: str
@@ -45,7 +50,13 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Tuning:
-    """The detector's settings that rules read besides their own threshold."""
+    """The detector's settings that rules read besides their own threshold.
+
+    Example:
+        >>> tunings = Tuning(0.1, 16, 10.0, 0.7), Tuning(0.0, 16, 10.0, 0.7)
+        >>> [lower_bound(0.42, 0.4, t.hysteresis).status for t in tunings]
+        ['between', 'healthy']
+    """
 
     hysteresis: float
     z_loss_history: int
@@ -67,6 +78,12 @@ class LayerWindow:
         tokens: tokens of the window.
         nonfinite: tokens with NaN/Inf router logits.
         baselines: running history of a statistic (by name) over earlier windows, for rules that keep one.
+
+    Example:
+        >>> from moe_monitor.detect import make_snapshot
+        >>> w = read_layer(make_snapshot([[30, 10, 0, 0]], top_k=2), 0, {})
+        >>> w.assignments, w.routing, w.range, round(w.entropy_n, 3)  # entropy 0.41 is below top-2 of 4's floor 0.5
+        (40.0, 'top-2 of 4', (0.5, 1.0), -0.189)
     """
 
     num_experts: int
@@ -155,6 +172,16 @@ class Rule:
         baseline: the detector keeps a running history of ``statistic`` per layer for it (``z_loss_history``
             windows, frozen while the rule breaches or fires), read as ``window.baselines[statistic]``.
         recovered: the text for the value in its recovery message (default: the value).
+
+    Example:
+        >>> from moe_monitor.detect import make_snapshot
+        >>> rule = RULE_TABLE[1]
+        >>> window = read_layer(make_snapshot([[1000, 0, 0, 0]]), 0, {})
+        >>> verdict = rule.evaluate(window, 0.4, Tuning(0.1, 16, 10.0, 0.7))
+        >>> rule.name, rule.argument, verdict.status, verdict.value, round(verdict.threshold, 3)
+        ('load_entropy', 'min_load_entropy', 'breach', 0.0, 0.4)
+        >>> rule.message(verdict, "")[:34]
+        'router collapse, load entropy 0.00'
     """
 
     name: str
