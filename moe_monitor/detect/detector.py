@@ -13,14 +13,13 @@ evolves deterministically from it, so every process raises the same events and t
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from moe_monitor.detect.events import EVENT_COLUMNS, CollapseEvent
-from moe_monitor.detect.rules import BREACH, HEALTHY, RULE_TABLE, UNKNOWN, Rule, Tuning, Verdict, read_layer
+from moe_monitor.detect.rules import BREACH, HEALTHY, RULE_TABLE, UNKNOWN, Rule, Tuning, Verdict, _finite, read_layer
 from moe_monitor.snapshot import Snapshot
 
 
@@ -40,10 +39,11 @@ class CollapseDetector:
     ``docs/detection.md``.
 
     Load entropy and MaxVio thresholds are *scale-aware*: top-``k`` routing over ``E`` experts cannot push the
-    load entropy below ``ln k / ln E`` nor MaxVio above ``E / k - 1`` (see :func:`achievable_range`), so each layer
-    is judged on the fraction of that range it has used up. A fixed threshold in the statistic's own units would
-    never fire for top-2 of 4 experts (MaxVio at most 1) or top-4 of 8 (entropy at least 0.67). Events report the
-    statistic and the layer's threshold in the statistic's own units; the message also gives the fraction.
+    load entropy below ``ln k / ln E`` nor MaxVio above ``E / k - 1`` (see
+    :func:`~moe_monitor.detect.achievable_range`), so each layer is judged on the fraction of that range it has used
+    up. A fixed threshold in the statistic's own units would never fire for top-2 of 4 experts (MaxVio at most 1)
+    or top-4 of 8 (entropy at least 0.67). Events report the statistic and the layer's threshold in the statistic's
+    own units; the message also gives the fraction.
 
     Args:
         min_load_entropy: alert when the load entropy has fallen below this fraction of the way from its floor
@@ -56,9 +56,10 @@ class CollapseDetector:
             fair share, 43 % of the assignments. The former fixed 2.0 (2/3 of the range) was held by healthy runs
             for two windows in a row during early training (0.69 of the range); collapses sit at 0.9-1.0.
         dead_expert_p: the dead-experts rule judges a window only when an expert with a fair share would have
-            received no assignment with probability below this (see :func:`dead_expert_probability`); then any
-            expert with zero assignments is dead. 1e-6 over, say, 10 layers x 1000 windows still gives a
-            false-alarm chance of about 1 % for a whole run, and it takes only 104 assignments for 8 experts.
+            received no assignment with probability below this (see
+            :func:`~moe_monitor.detect.dead_expert_probability`); then any expert with zero assignments is dead.
+            1e-6 over, say, 10 layers x 1000 windows still gives a false-alarm chance of about 1 % for a whole run,
+            and it takes only 104 assignments for 8 experts.
         max_dropped_fraction: alert when more than this fraction of assignments is dropped for capacity. 0.1:
             beyond 10 % a sizeable part of the batch skips its MLP. This is capacity overflow, not necessarily a
             collapse: a healthy router at capacity factor 1.25 drops 25-60 % of the assignments in its first
@@ -326,7 +327,3 @@ class CollapseDetector:
         return CollapseEvent(
             snap.step, snap.phase, layer, rule.name, v.value, v.threshold, "info", text, v.experts, "recovery"
         )
-
-
-def _finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

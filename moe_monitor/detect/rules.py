@@ -15,6 +15,7 @@ import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from moe_monitor.snapshot import Snapshot
 
@@ -99,11 +100,11 @@ class LayerWindow:
     def assignments(self) -> float:
         return sum(self.counts_E)
 
-    @property
+    @cached_property
     def hot(self) -> tuple[int, ...]:
         return hot_experts(self.loads, self.num_experts)
 
-    @property
+    @cached_property
     def range(self) -> tuple[float, float]:
         """``(entropy_floor, max_violation_ceiling)`` of :func:`achievable_range`."""
         return achievable_range(self.num_experts, self.top_k)
@@ -116,7 +117,7 @@ class LayerWindow:
     def entropy(self) -> float:
         return self.stat.get("load_entropy", math.nan)
 
-    @property
+    @cached_property
     def entropy_n(self) -> float:
         """Load entropy as a fraction of its achievable range (0 at the floor, 1 at perfect balance)."""
         floor = self.range[0]
