@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, achievable_range, dead_expert_probability
+from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, achievable_range, dead_expert_probability, hot_experts
 from moe_monitor.monitor import RouterMonitor
 from moe_monitor.snapshot import Snapshot
 
@@ -128,7 +128,7 @@ def judge_layer(snapshot: Snapshot, index: int, detector: CollapseDetector | Non
     if assignments <= 0:
         return LayerVerdict(layer, "warning", "no tokens routed: nothing to judge")
     loads = (counts_E / assignments).tolist()
-    hot = CollapseDetector._hot_experts(loads, num_experts)
+    hot = hot_experts(loads, num_experts)
     findings: list[tuple[str, str, str]] = []  # (rule, severity, text)
 
     if detector.nonfinite and nonfinite > 0:

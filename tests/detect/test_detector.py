@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent, dead_expert_probability, make_snapshot
+from moe_monitor.detect.rules import RULE_TABLE
 
 # Top-2 of 8 experts unless a test says otherwise: the default model's routing, where entropy can fall to
 # ln 2 / ln 8 = 1/3 and MaxVio rise to 8 / 2 - 1 = 3.
@@ -25,19 +26,9 @@ def snap(counts, top_k: int = TOP_K, **kwargs):
 
 def only(detector: CollapseDetector, keep: str) -> CollapseDetector:
     """Switches off every rule but ``keep`` (so a test sees one rule's events)."""
-    off = {
-        "load_entropy": "min_load_entropy",
-        "max_violation": "max_violation",
-        "dead_experts": "dead_expert_p",
-        "dropped_fraction": "max_dropped_fraction",
-        "z_loss_spike": "z_loss_spike",
-        "saturation": "saturation_confidence",
-    }
-    for rule, attr in off.items():
-        if rule != keep:
-            setattr(detector, attr, None)
-    if keep != "nonfinite_logits":
-        detector.nonfinite = False
+    for rule in RULE_TABLE:
+        if rule.name != keep:
+            setattr(detector, rule.argument, None)
     return detector
 
 
@@ -282,7 +273,24 @@ def test_state_dict_round_trip_resumes_exactly():
     assert resumed.state_dict() == first.state_dict() and resumed.active == first.active
     later = [resumed.update(snap(stream[i], step=i, z_loss=[z[i]])) for i in range(5, len(stream))]
     assert later == ref_events[5:]
-    assert resumed.events == reference.events
+    # The events are the watcher's history, not the detector's state: each object lists what it raised.
+    assert "events" not in first.state_dict()
+    assert first.events + resumed.events == reference.events
+
+
+def test_old_states_with_events_still_load():
+    """Checkpoints written when the detector saved its events next to the watcher's still resume exactly."""
+    reference, first = CollapseDetector(patience=2), CollapseDetector(patience=2)
+    stream = [SKEWED] * 3 + [BALANCED] * 4
+    ref_events = [e for i, c in enumerate(stream) for e in reference.update(snap(c, step=i, z_loss=[12.0]))]
+    for i in range(3):
+        first.update(snap(stream[i], step=i, z_loss=[12.0]))
+    old = {**first.state_dict(), "events": [dict(vars(e), experts=list(e.experts)) for e in first.events]}
+    resumed = CollapseDetector(patience=2)
+    resumed.load_state_dict(old)
+    later = [e for i in range(3, len(stream)) for e in resumed.update(snap(stream[i], step=i, z_loss=[12.0]))]
+    assert [e.kind for e in later] == ["recovery", "recovery"] and first.events + later == ref_events
+    assert resumed.events == later
 
 
 @pytest.mark.parametrize(
@@ -357,3 +365,30 @@ def test_dropped_fraction_message_does_not_claim_a_collapse():
     (event,) = det.update(snap(BALANCED, dropped=[2000]))
     assert event.severity == "warning" and "capacity overflow, 25.0% of assignments dropped" in event.message
     assert "not a router collapse" in event.message
+
+
+def test_a_new_rule_is_one_table_entry(monkeypatch):
+    """A rule added to the table alone gets patience, recovery, messages and state from the detector."""
+    from moe_monitor.detect import detector as detector_module
+    from moe_monitor.detect.rules import Rule, upper_bound
+
+    def cv_rule(window, threshold, tuning):
+        counts = window.counts_E
+        mean = sum(counts) / len(counts)
+        cv = math.sqrt(sum((c - mean) ** 2 for c in counts) / len(counts)) / mean  # by hand, not stats.py
+        return upper_bound(cv, threshold, tuning.hysteresis)
+
+    rule = Rule("spread", "warning", "max_cv", "cv", cv_rule, lambda v, lasting: f"cv {v.value:.2f}{lasting}")
+    monkeypatch.setattr(detector_module, "RULE_TABLE", (*RULE_TABLE, rule))
+    det = only(CollapseDetector(patience=2, recovery=1), "none")
+    det.max_cv = 1.0
+    assert det.rules == ("spread",)
+    # SKEWED: counts 4000, 3000, 166 x 5, 170 -> mean 1000, cv sqrt((3000² + 2000² + 5 x 834² + 830²) / 8) / 1000 = 1.46
+    assert feed(det, SKEWED, 1) == [[]]
+    resumed = CollapseDetector(patience=2, recovery=1)
+    resumed.max_cv = 1.0
+    resumed.load_state_dict(det.state_dict())
+    (alert,) = resumed.update(snap(SKEWED, step=2))
+    assert alert.message == "[train step 2] layer0: cv 1.46 for 2 consecutive windows" and alert.severity == "warning"
+    (recovery,) = resumed.update(snap(BALANCED, step=3))
+    assert recovery.kind == "recovery" and recovery.value == 0.0 and resumed.active == frozenset()

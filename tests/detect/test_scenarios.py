@@ -19,6 +19,7 @@ import statistics
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from detect_toys import MICRO
 from seeds import seed, seeds
 
@@ -245,11 +246,15 @@ def test_lightning_callback_detects_repairs_and_resumes_the_controller(tmp_path)
     coefs = [router.aux_loss_coef for router in lm.model.routers]
     assert max(coefs) > 0.0
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    # The checkpoint holds the events once: in the callback's history, not again in the detector's state.
+    (saved,) = torch.load(tmp_path / "mid.ckpt", weights_only=True)["callbacks"].values()
+    assert "events" not in saved["detector"] and len(saved["events"]) == len(callback.events)
 
     _, resumed_lm, resumed, probe = fit(61, ckpt_path=tmp_path / "mid.ckpt")
     assert probe.coefs == coefs  # re-applied from the checkpoint, not the config's 0.0
-    # The detector's history and firing alerts came back too.
-    assert resumed.detector.events[: len(callback.detector.events)] == callback.detector.events
+    # The one event history (the callback's) and the detector's firing alerts came back too.
+    assert resumed.events[: len(callback.events)] == callback.events
+    assert resumed.event_frame()[: len(callback.events)].equals(callback.event_frame())
     assert resumed.detector.active >= {(e.layer, e.rule) for e in alerts} & callback.detector.active
 
 
