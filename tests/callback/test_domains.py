@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pandas as pd
@@ -10,12 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, Subset
 
 from moe_monitor import MoEMonitor
 from moe_monitor.reference import CorpusDataModule
 from moe_monitor.reference.data import DOMAINS
 from moe_monitor.report import write_report
-from tests.callback.conftest import SEQ_LEN, make_lm, make_trainer, routers_of
+from tests.callback.conftest import (
+    SEQ_LEN,
+    LMWithTestStep,
+    fit_two_ranks,
+    make_lm,
+    make_trainer,
+    routers_of,
+)
 
 VAL_PER_DOMAIN = 6  # batches of 4 and 2 per domain
 
@@ -188,3 +197,32 @@ def test_cli_train_validates_each_domain_apart_and_its_report_shows_them(tiny_pr
     html = write_report(run_dir).read_text()
     section = html[html.index("Expert use per domain") :]
     assert "english: experts" in section and "python: experts" in section
+
+
+class OneDomainPerRankLM(LMWithTestStep):
+    """Rank 0 validates only English (2 batches), rank 1 only Python (2 batches); the other loader is empty."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def val_dataloader(self) -> list[DataLoader]:
+        data = _data(val_loader_per_domain=True)
+        data.setup()
+        loaders = data.val_dataloader()
+        empty = DataLoader(Subset(loaders[0].dataset, []), batch_size=4)
+        return [loader if index == self.global_rank else empty for index, loader in enumerate(loaders)]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_that_validate_different_domains_close_every_window_together(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    lm = OneDomainPerRankLM(make_lm().config, warmup_steps=1)
+    callback = MoEMonitor(log_every_n_steps=2, detector=None, val_domains=DOMAINS)
+    log_dir = fit_two_ranks(tmp_path, lm, callback, "domains")
+
+    layers = pd.read_csv(Path(log_dir) / "moe_monitor" / "layers.csv")
+    first = layers[layers.layer_index == 0]
+    for phase, windows in (("val/english", VAL_PER_DOMAIN), ("val/python", VAL_PER_DOMAIN), ("val", 12)):
+        assert first[first.phase == phase].step.tolist() == [2, 4]
+        assert (first[first.phase == phase].tokens == windows * SEQ_LEN).all()
