@@ -61,7 +61,15 @@ _TABLE: tuple[tuple[str, str, str], ...] = (
 
 
 class AuditInputError(ValueError):
-    """A model or data the audit cannot use; the message says what to pass instead."""
+    """A model or data the audit cannot use; the message says what to pass instead.
+
+    Example:
+        >>> try:
+        ...     audit(nn.Linear(4, 4), [], max_batches=0)
+        ... except AuditInputError as error:
+        ...     print(error)
+        max_batches=0 must be a positive integer.
+    """
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,12 @@ class LayerVerdict:
         text: one line for a human, e.g. ``"healthy"`` or ``"collapsed onto experts 0, 1 (83 %)"``.
         findings: ``(rule, message)`` pairs behind the text, rules named as in :data:`moe_monitor.detect.RULES`.
         experts: experts involved (the overloaded ones, then the dead ones).
+
+    Example:
+        >>> from moe_monitor.detect import make_snapshot
+        >>> verdict = judge_layer(make_snapshot([[900, 80, 10, 10]]), 0)
+        >>> verdict.severity, verdict.experts[:1]
+        ('critical', (0,))
     """
 
     layer: str
@@ -437,6 +451,13 @@ def audit_saved(
 
     Raises:
         AuditInputError: the path holds no model this function can load, or the text is too short.
+
+    Example:
+        >>> try:
+        ...     audit_saved("no/such/run")
+        ... except AuditInputError as error:
+        ...     print(str(error)[:60])
+        no/such/run is neither a Hugging Face model folder (no confi
     """
     path = Path(path)
     model, tokenizer, context, vocab, kind = _load_model(path)

@@ -86,8 +86,8 @@ class MoEMonitor(Callback):
 
     - ``moe/<phase>/<stat>/<LL>`` for each statistic of the metric reference (docs/metrics.md):
       ``dropped_fraction``, ``load_entropy``, ``max_violation``, ``cv``, ``gini``, ``dead_experts``, ``aux_loss``,
-      ``z_loss``, ``router_entropy``, ``top1_confidence``, ``unrouted_fraction`` (NaN values, e.g. for a router
-      without logits, are not logged).
+      ``z_loss``, ``router_entropy``, ``top1_confidence``, ``unrouted_fraction``, ``skipped_fraction`` (NaN
+      values, e.g. for a router without logits, are not logged).
     - ``moe/<phase>/all/min_load_entropy``, ``moe/<phase>/all/max_max_violation``: the worst layer.
     - ``moe/<phase>/all/dropped_fraction``: dropped / selected assignments over all layers.
     - ``moe/<phase>/all/layers_with_dead_experts``: layers with an expert that got no token in the window.
@@ -124,6 +124,8 @@ class MoEMonitor(Callback):
             ``MoEMonitor`` arguments); ``"cli"`` words the hints as ``moe-monitor train`` flags; a
             :class:`~moe_monitor.sinks.console.ConsoleSink` is used as given; ``False`` prints nothing (the
             progress bar fields stay).
+        process_group: the ``torch.distributed`` group the windows and controllers reduce over; ``None``: the
+            default group (see :class:`~moe_monitor.monitor.RouterMonitor` and docs/distributed.md).
         val_domains: one name per validation dataloader, e.g. ``("english", "python")`` for
             ``CorpusDataModule(val_loader_per_domain=True)``: each validation run also gives one window per
             domain, phase ``"val/<name>"`` (keys ``moe/val/<name>/...``), of the batches of dataloader ``i``
@@ -162,6 +164,7 @@ class MoEMonitor(Callback):
         save_frames: bool = True,
         name: str | None = None,
         console: bool | Literal["library", "cli"] | ConsoleSink = True,
+        process_group: Any = None,
         val_domains: Sequence[str] | None = None,
     ) -> None:
         flags = {
@@ -197,6 +200,7 @@ class MoEMonitor(Callback):
         self.save_frames = save_frames
         self.name = name
         self.console = console
+        self.process_group = process_group
         self.val_domains = _check_domains(val_domains)
 
         self.watcher: Watcher | None = None
@@ -352,6 +356,7 @@ class MoEMonitor(Callback):
                 control=stage == "fit",
                 is_global_zero=trainer.is_global_zero,
                 console=False if console is None else console,
+                process_group=self.process_group,
             )
         except NoRoutersFoundError as err:
             hint = "" if "MoEMonitor(routers=" in str(err) else "\n" + _routers_hint(pl_module)

@@ -104,7 +104,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds the ``train`` subcommand to ``subparsers`` and returns its parser (extend it to add options)."""
+    """Adds the ``train`` subcommand to ``subparsers`` and returns its parser (extend it to add options).
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> _ = add_train_parser(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["train", "--steps", "20", "--control", "bias", "--resume", "last"])
+        >>> args.command, args.steps, args.control, args.resume
+        ('train', 20, 'bias', 'last')
+    """
     parser = subparsers.add_parser(
         "train",
         help="train the reference MoE transformer on the bundled corpus",
@@ -207,7 +215,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``moe-monitor`` parser with every subcommand."""
+    """The ``moe-monitor`` parser with every subcommand.
+
+    Example:
+        >>> args = build_parser().parse_args(["train", "--steps", "10", "--control", "aux,bias"])
+        >>> args.steps, args.control, control_names(args)
+        (10, 'aux,bias', ['aux', 'bias'])
+    """
     from moe_monitor import __version__
 
     parser = argparse.ArgumentParser(
@@ -222,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds the ``report`` subcommand: a self-contained HTML page of one finished run, or several side by side."""
+    """Adds the ``report`` subcommand: a self-contained HTML page of one finished run, or several side by side.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> _ = add_report_parser(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["report", "runs/moe/version_0", "runs/moe/version_1"])
+        >>> args.command, [p.name if hasattr(p, "name") else p for p in args.run_dirs]
+        ('report', ['version_0', 'version_1'])
+    """
     parser = subparsers.add_parser(
         "report",
         help="write a self-contained HTML report of finished runs",
@@ -245,7 +267,15 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def add_audit_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds the ``audit`` subcommand: the routing health of a saved model on a few batches."""
+    """Adds the ``audit`` subcommand: the routing health of a saved model on a few batches.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> _ = add_audit_parser(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["audit", "runs/moe/version_0", "--max-batches", "2"])
+        >>> args.command, args.model_dir.name, args.max_batches
+        ('audit', 'version_0', 2)
+    """
     parser = subparsers.add_parser(
         "audit",
         help="check the routing of a saved model (Hugging Face folder or moe-monitor checkpoint)",
@@ -278,7 +308,16 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    """Runs ``moe-monitor audit``; returns 2 with the reason for a model or data it cannot read."""
+    """Runs ``moe-monitor audit``; returns 2 with the reason for a model or data it cannot read.
+
+    Example:
+        >>> import contextlib, io
+        >>> args = build_parser().parse_args(["audit", "runs/moe/version_0", "--max-batches", "0"])
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     code = run_audit(args)
+        >>> code, err.getvalue().strip()
+        (2, 'moe-monitor audit: error: --max-batches=0 must be at least 1.')
+    """
     from moe_monitor.audit import AuditInputError, audit_saved
 
     for flag, value in (("--max-batches", args.max_batches), ("--batch-size", args.batch_size)):
@@ -309,7 +348,15 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """Runs ``moe-monitor report``; returns 2 with the reason when the run directory holds no history."""
+    """Runs ``moe-monitor report``; returns 2 with the reason when the run directory holds no history.
+
+    Example:
+        >>> import contextlib, io, tempfile
+        >>> with tempfile.TemporaryDirectory() as empty, contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     code = run_report(build_parser().parse_args(["report", empty]))
+        >>> code, err.getvalue().startswith("moe-monitor report: error: no layers.csv")
+        (2, True)
+    """
     from moe_monitor.report import RunFilesNotFoundError, write_report
 
     try:
@@ -352,7 +399,12 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
 
 
 def control_names(args: argparse.Namespace) -> list[str]:
-    """The controller names of ``--control`` (``"aux, bias"`` -> ``["aux", "bias"]``)."""
+    """The controller names of ``--control`` (``"aux, bias"`` -> ``["aux", "bias"]``).
+
+    Example:
+        >>> control_names(build_parser().parse_args(["train", "--control", "Aux, bias"]))
+        ['aux', 'bias']
+    """
     return [name.strip().lower() for name in args.control.split(",") if name.strip()]
 
 
@@ -361,6 +413,10 @@ def scenario_of(args: argparse.Namespace) -> Any:
 
     Raises:
         ValueError: for an unknown name, listing the known ones.
+
+    Example:
+        >>> scenario_of(build_parser().parse_args(["train", "--scenario", "biased_init"])).name
+        'biased_init'
     """
     from moe_monitor.scenarios import SCENARIOS
 
@@ -375,6 +431,13 @@ def build_callbacks(args: argparse.Namespace) -> list[Callback]:
 
     Raises:
         ValueError: for an unknown ``--control`` name, listing the known ones.
+
+    Example:
+        >>> args = build_parser().parse_args(["train", "--steps", "100", "--control", "bias"])
+        >>> callbacks = build_callbacks(args)
+        >>> monitor = next(c for c in callbacks if type(c).__name__ == "MoEMonitor")
+        >>> [type(c).__name__ for c in monitor.controllers]
+        ['ExpertBiasController']
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -495,7 +558,13 @@ def _options_callback(args: argparse.Namespace) -> Callback:
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where ``--resume`` continues: the checkpoint, its step, the run folder it belongs to and its options."""
+    """Where ``--resume`` continues: the checkpoint, its step, the run folder it belongs to and its options.
+
+    Example:
+        >>> point = ResumePoint(Path("runs/moe/version_0/checkpoints/last.ckpt"), 120, Path("runs/moe/version_0"), {})
+        >>> point.step, point.run_dir.name
+        (120, 'version_0')
+    """
 
     ckpt: Path
     step: int
@@ -509,6 +578,16 @@ def find_checkpoint(value: str, out: Path, name: str, extra_roots: tuple[str, ..
 
     Raises:
         ValueError: when there is none, saying what to pass instead.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     ckpt = Path(out, "moe", "version_0", "checkpoints", "last.ckpt")
+        ...     ckpt.parent.mkdir(parents=True)
+        ...     ckpt.touch()
+        ...     run_dir = str(ckpt.parent.parent)
+        ...     find_checkpoint("last", Path(out), "moe") == ckpt, find_checkpoint(run_dir, Path(out), "moe") == ckpt
+        (True, True)
     """
     if value == "last":
         root = out / name
@@ -541,7 +620,16 @@ def find_checkpoint(value: str, out: Path, name: str, extra_roots: tuple[str, ..
 
 
 def resume_point(args: argparse.Namespace) -> ResumePoint:
-    """Reads the checkpoint of ``--resume``: its step, its run folder and the options the run was started with."""
+    """Reads the checkpoint of ``--resume``: its step, its run folder and the options the run was started with.
+
+    Example:
+        >>> args = build_parser().parse_args(["train", "--resume", "no/such.ckpt"])
+        >>> try:
+        ...     resume_point(args)
+        ... except ValueError as error:
+        ...     print(str(error)[:43])
+        --resume no/such.ckpt: no such file or fold
+    """
     import torch
 
     ckpt = find_checkpoint(args.resume, args.out, args.name, (args.wandb_project,))
@@ -564,6 +652,15 @@ def merge_resumed_options(args: argparse.Namespace, point: ResumePoint, given: s
 
     Raises:
         ValueError: when an option given now differs from the resumed run's and cannot change mid-run.
+
+    Example:
+        >>> args = build_parser().parse_args(["train", "--seed", "1"])
+        >>> point = ResumePoint(Path("last.ckpt"), 50, None, {"seed": 0})
+        >>> try:
+        ...     merge_resumed_options(args, point, {"seed"})
+        ... except ValueError as error:
+        ...     print(str(error)[:60])
+        --seed 1 differs from the run being resumed (started with --
     """
     current = _run_options(args)
     for name in sorted(given & set(point.options) - _CHANGEABLE_ON_RESUME):
@@ -605,6 +702,13 @@ def explicit_options(argv: list[str]) -> set[str]:
 def build_loggers(args: argparse.Namespace, point: ResumePoint | None = None) -> list[Logger]:
     """The Lightning loggers of ``--logger``, writing under ``--out/--name``; all in one run folder
     (``version_N``), the resumed run's own folder with ``--resume``.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     args = build_parser().parse_args(["train", "--logger", "tensorboard,csv", "--out", out])
+        ...     [type(logger).__name__ for logger in build_loggers(args)]
+        ['TensorBoardLogger', 'CSVLogger']
     """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
@@ -881,7 +985,14 @@ def _print_summary(trainer: Any, loggers: list[Logger], args: argparse.Namespace
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``moe-monitor`` console script."""
+    """Entry point of the ``moe-monitor`` console script.
+
+    Example:
+        >>> import contextlib, io, tempfile
+        >>> with tempfile.TemporaryDirectory() as empty, contextlib.redirect_stderr(io.StringIO()):
+        ...     main(["report", empty])  # no run there: status 2 and the reason on stderr
+        2
+    """
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

@@ -787,7 +787,7 @@ class ExpertBiasController(Controller):
         # A fresh tensor: the live window view must stay untouched (and the collective needs a contiguous one).
         self._prev_counts_LE = counts_LE.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(step_counts_LE)
+            torch.distributed.all_reduce(step_counts_LE, group=monitor.process_group)
         with torch.no_grad():
             for i, bias_E in biases:
                 count_E = step_counts_LE[i, : self.knobs[i].size].to(bias_E.device, torch.float32)

@@ -4,7 +4,8 @@ Shape legend: ``L`` monitored layers, ``E`` experts (the largest of any layer), 
 ``A`` assignments in one forward, ``F`` packed fields per layer, ``C`` counterfactual capacity factors.
 
 Per phase there is one ``float64 [L, F]`` buffer on the routers' device (float64 counts are exact to 2**53). One row
-per layer, laid out by :class:`Layout`: ``counts [E] | prob_sum [E] | coactivation [E*E] (optional) | scalars``;
+per layer, laid out by :class:`Layout`: ``counts [E] | prob_sum [E] | coactivation [E*E] (optional) | lost [E] |
+scalars``;
 the per-token work matrix of one forward is laid out by :class:`WorkColumns`.
 :func:`forward_update` adds one forward to its layer's row; nothing here ever reads a value back to the host.
 ``torch.bincount`` is avoided on purpose: on CUDA it reads the input's max to size its output (a host sync) even
@@ -32,6 +33,7 @@ SCALARS: tuple[str, ...] = (
     "entropy_sum",  # sum of normalised router entropies
     "top1_sum",  # sum of largest router probabilities
     "dropped",  # assignments dropped for capacity
+    "skipped",  # assignments a random policy of the router skipped (not a capacity drop)
     "drop_unknown",  # assignments of a router with a capacity that did not say which it dropped
     "cf_assignments",  # assignments of the forwards where the counterfactual drop was evaluated
     "disabled",  # 0 from the hooks; set to 1 at collect time by a process that stopped monitoring the layer
@@ -95,7 +97,10 @@ class Layout:
     Example:
         >>> layout = Layout(num_experts=4, coactivation=True, capacity_factors=(1.0, 1.25))
         >>> layout.width, layout.scalar("tokens")
-        (38, 24)
+        (43, 28)
+
+    ``lost [E]`` holds, per expert, the assignments that did not run (dropped for capacity or skipped by a random
+    policy); a router that reports neither adds nothing there, so the kept counts ``counts - lost`` cost it nothing.
     """
 
     def __init__(self, num_experts: int, coactivation: bool, capacity_factors: Sequence[float]) -> None:
@@ -106,7 +111,8 @@ class Layout:
         self.counts = slice(0, e)
         self.prob_sum = slice(e, 2 * e)
         self.coact = slice(2 * e, 2 * e + (e * e if coactivation else 0))
-        self._scalar0 = self.coact.stop
+        self.lost = slice(self.coact.stop, self.coact.stop + e)
+        self._scalar0 = self.lost.stop
         names = SCALARS + tuple(f"cf_dropped@{float(cf)!r}" for cf in self.capacity_factors)
         self._scalar_index = {name: self._scalar0 + i for i, name in enumerate(names)}
         self.width = self._scalar0 + len(names)
@@ -144,8 +150,8 @@ class Layout:
         return self._cached(("columns", e, has_probs, has_logits), lambda: WorkColumns(e, has_probs, has_logits))
 
     def field(self, name: str) -> slice:
-        """Columns of a window field: ``counts``, ``prob_sum``, ``coact`` or a scalar (one column)."""
-        if name in ("counts", "prob_sum", "coact"):
+        """Columns of a window field: ``counts``, ``prob_sum``, ``coact``, ``lost`` or a scalar (one column)."""
+        if name in ("counts", "prob_sum", "coact", "lost"):
             return getattr(self, name)
         column = self.scalar(name)
         return slice(column, column + 1)
@@ -159,7 +165,8 @@ class Layout:
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Which of forward_update's values (its [rows, C] product, flattened, then the extra scalars) goes to which
-        # window column. The product's last row holds the sums over the tokens, one per work row.
+        # window column. The product's last row holds the sums over the tokens, one per work row. The extras are
+        # scalars, except "lost": one value per expert of this forward.
         def make() -> tuple[torch.Tensor, torch.Tensor]:
             width, last = columns.width, (rows - 1) * columns.width
             pairs = []
@@ -169,7 +176,12 @@ class Layout:
             if coactivation:
                 e, stride = columns.dispatch.stop, self.num_experts
                 pairs += [(i * width + j, self.coact.start + i * stride + j) for i in range(e) for j in range(e)]
-            pairs += [(rows * width + n, self.scalar(name)) for n, name in enumerate(extras)]
+            offset = rows * width
+            for name in extras:
+                destination = self.field(name)
+                size = columns.dispatch.stop if name == "lost" else 1
+                pairs += [(offset + j, destination.start + j) for j in range(size)]
+                offset += size
             source, destination = torch.tensor(pairs, dtype=torch.int64).T
             return source.to(device), destination.to(device)
 
@@ -354,11 +366,25 @@ def _update(
         extras.append("nonfinite_tokens")
         total = num_tokens if mask_T is None else mask_T.sum()
         extra_values.append((total - tokens).reshape(1))
-    if routing.kept_A is not None:
+    if routing.kept_A is not None or routing.skipped_A is not None:
+        # Assignments that did not run: dropped for capacity (kept_A False) or skipped by a random policy
+        # (skipped_A True), per expert into "lost" (kept = counts - lost), with the weights of the counts.
         valid_T = valid_1T[0] if mask_T is None else mask_T * valid_1T[0]
         weight_A = valid_T.index_select(0, routing.token_idx_A) * in_range_A
-        extras.append("dropped")
-        extra_values.append((weight_A * ~routing.kept_A.reshape(-1)).sum().reshape(1))
+        ran_A = weight_A
+        if routing.kept_A is not None:
+            kept_A = routing.kept_A.reshape(-1)
+            extras.append("dropped")
+            extra_values.append((weight_A * ~kept_A).sum().reshape(1))
+            ran_A = ran_A * kept_A
+        if routing.skipped_A is not None:
+            skipped_A = routing.skipped_A.reshape(-1)
+            extras.append("skipped")
+            extra_values.append((weight_A * skipped_A).sum().reshape(1))
+            ran_A = ran_A * ~skipped_A
+        extras.append("lost")
+        lost_E = torch.zeros(e, dtype=torch.float32, device=device)
+        extra_values.append(lost_E.index_add_(0, clamped_A, weight_A - ran_A))
     # Counts of the forward minus each capacity, for all capacities at once (a capacity of 0 gives the total).
     capacity_fields = ("drop_unknown",) if routing.kept_A is None and not dropless else ()
     if counterfactual:

@@ -64,10 +64,11 @@ LAYER_COLUMNS: tuple[str, ...] = (
     *STAT_NAMES,
     "nonfinite_tokens",
     "unrouted_tokens",
+    "skipped",
 )
 """Columns of :meth:`History.layer_frame`, followed by one ``counterfactual_drop@<cf>`` per capacity factor."""
 
-EXPERT_COLUMNS: tuple[str, ...] = ("step", "phase", "layer", "layer_index", "expert", "count", "load")
+EXPERT_COLUMNS: tuple[str, ...] = ("step", "phase", "layer", "layer_index", "expert", "count", "kept", "load")
 """Columns of :meth:`History.expert_frame`."""
 
 MEMORY_BUDGET = 4 * 2**20
@@ -79,7 +80,7 @@ PART_ROWS = 2**18
 STATE_VERSION = 2
 
 _MIN_KEEP = 16
-# unrouted_tokens stays float: NaN in windows restored from states written before it was counted.
+# unrouted_tokens and skipped stay float: NaN in windows restored from states written before they were counted.
 _INT_VALUES = ("tokens", "assignments", "dropped", "nonfinite_tokens")
 _FILES = ("layers.csv", "experts.csv", "layers.parquet", "experts.parquet")
 
@@ -89,6 +90,7 @@ class _Window:
     step: int
     phase: str
     counts_LE: np.ndarray  # int64
+    kept_LE: np.ndarray  # int64, the assignments each expert ran (counts less the dropped and skipped ones)
     values_LK: np.ndarray  # float64, columns History._value_columns
 
 
@@ -149,10 +151,11 @@ class History:
             *STAT_NAMES,
             "nonfinite_tokens",
             "unrouted_tokens",
+            "skipped",
             *self.cf_columns,
         )
         width = max(self.num_experts)
-        window_bytes = 8 * len(self.layer_names) * (width + len(self._value_columns))
+        window_bytes = 8 * len(self.layer_names) * (2 * width + len(self._value_columns))
         if keep_windows is None:
             keep_windows = max(_MIN_KEEP, MEMORY_BUDGET // window_bytes)
         if isinstance(keep_windows, bool) or not isinstance(keep_windows, int) or keep_windows < 1:
@@ -189,6 +192,7 @@ class History:
             "assignments": snapshot.counts.sum(dim=1),
             "dropped": snapshot.dropped,
             "nonfinite_tokens": snapshot.nonfinite_tokens,
+            "skipped": snapshot.skipped,
             **snapshot.stats,
             **{name: value for name, value in snapshot.extras.items() if value.dim() == 1},
         }
@@ -196,6 +200,7 @@ class History:
             value = sources.get(name)
             values_LK[:, k] = np.nan if value is None else value.double().numpy()
         counts_LE = snapshot.counts.numpy().astype(np.int64, copy=True)
+        kept_LE = counts_LE if snapshot.kept is snapshot.counts else snapshot.kept.numpy().astype(np.int64, copy=True)
         in_memory_only = self._directory is None or self._broken
         if len(self._recent) == self.keep_windows and in_memory_only and not self._evicted_warned:
             self._evicted_warned = True
@@ -207,7 +212,7 @@ class History:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self._recent.append(_Window(int(snapshot.step), str(snapshot.phase), counts_LE, values_LK))
+        self._recent.append(_Window(int(snapshot.step), str(snapshot.phase), counts_LE, kept_LE, values_LK))
         self._total += 1
         if self._directory is not None:
             self._guard(self._write_layers_csv, [self._recent[-1]])
@@ -402,9 +407,10 @@ class History:
         per_window = len(layer_R)
         if windows:
             counts_NR = np.stack([w.counts_LE[layer_R, expert_R] for w in windows])
+            kept_NR = np.stack([w.kept_LE[layer_R, expert_R] for w in windows])
             total_NR = np.stack([w.counts_LE.sum(axis=1)[layer_R] for w in windows])
         else:
-            counts_NR = total_NR = np.empty((0, per_window), dtype=np.int64)
+            counts_NR = kept_NR = total_NR = np.empty((0, per_window), dtype=np.int64)
         with np.errstate(invalid="ignore", divide="ignore"):
             load_NR = np.where(total_NR > 0, counts_NR / np.maximum(total_NR, 1), np.nan)
         n = len(windows)
@@ -415,6 +421,7 @@ class History:
             "layer_index": np.tile(layer_R.astype(np.int64), n),
             "expert": np.tile(expert_R.astype(np.int64), n),
             "count": counts_NR.reshape(-1).astype(np.int64),
+            "kept": kept_NR.reshape(-1).astype(np.int64),
             "load": load_NR.reshape(-1).astype(np.float64),
         }
         return columns
@@ -466,6 +473,7 @@ class History:
             "step": torch.tensor([w.step for w in windows], dtype=torch.int64),
             "phase": [w.phase for w in windows],
             "counts": torch.from_numpy(np.stack([w.counts_LE for w in windows])) if windows else torch.empty(0),
+            "kept": torch.from_numpy(np.stack([w.kept_LE for w in windows])) if windows else torch.empty(0),
             "values": torch.from_numpy(np.stack([w.values_LK for w in windows])) if windows else torch.empty(0),
             "columns": list(self._value_columns),
         }
@@ -510,7 +518,9 @@ class History:
         for i, step in enumerate(recent["step"].tolist()):
             values = recent["values"][i].numpy()
             values_LK = np.stack([values[:, j] if j is not None else np.full(len(values), np.nan) for j in index], 1)
-            self._recent.append(_Window(int(step), recent["phase"][i], recent["counts"][i].numpy().copy(), values_LK))
+            counts_LE = recent["counts"][i].numpy().copy()
+            kept_LE = recent["kept"][i].numpy().copy() if "kept" in recent else counts_LE  # older states: counts
+            self._recent.append(_Window(int(step), recent["phase"][i], counts_LE, kept_LE, values_LK))
         self._total = int(state["windows"])
         self._written = self._total - len(self._recent)
         if self._directory is not None:
@@ -699,12 +709,16 @@ def _cast(frame, types: dict[str, str]):
 def _cast_layers(frame, cf_columns: list[str]):
     ints = ("step", "layer_index", "num_experts", "top_k", *_INT_VALUES)
     types = {name: ("int64" if name in ints else "float64") for name in (*LAYER_COLUMNS, *cf_columns)}
+    if "skipped" not in frame:  # files written before the skipped assignments were counted
+        frame = frame.assign(skipped=np.nan, skipped_fraction=np.nan)
     return _cast(frame, {**types, "phase": "str", "layer": "str"})
 
 
 def _cast_experts(frame):
     types = {"step": "int64", "phase": "str", "layer": "str", "layer_index": "int64", "expert": "int64"}
-    return _cast(frame, {**types, "count": "int64", "load": "float64"})
+    if "kept" not in frame:  # files written before the kept counts: nothing was known to be dropped per expert
+        frame = frame.assign(kept=frame["count"])
+    return _cast(frame, {**types, "count": "int64", "kept": "int64", "load": "float64"})
 
 
 def _upgrade_v1(state: dict[str, Any], history: History) -> dict[str, Any]:

@@ -87,6 +87,11 @@ class LayerKnobs:
         expert_bias: an ``[E]`` float tensor added to the router scores for expert selection only.
         inert: why the aux-loss weight has no effect as the model is configured now (e.g. a Hugging Face model
             with ``config.output_router_logits=False``), or ``""``.
+
+    Example:
+        >>> knobs = LayerKnobs(aux_loss_coef=(KnobRef("blocks.0.moe.router", "aux_loss_coef"),))
+        >>> [ref.label for ref in knobs.aux_loss_coef], knobs.expert_bias is None, knobs.inert
+        (['blocks.0.moe.router.aux_loss_coef'], True, '')
     """
 
     aux_loss_coef: tuple[KnobRef, ...] = ()

@@ -103,10 +103,14 @@ class RouterMonitor:
             ``keep_windows`` windows, in memory.
         keep_windows: windows kept in memory; ``None`` as many as fit in
             :data:`~moe_monitor.history.MEMORY_BUDGET` bytes.
+        process_group: the ``torch.distributed`` process group the windows are summed over (``None``: the default,
+            world group): the ranks that see distinct tokens of these layers; see docs/distributed.md, "Which process
+            group".
 
     Attributes:
         layers: the monitored routers, in model order.
         history: the :class:`~moe_monitor.history.History` of closed windows.
+        process_group: the group given (``None``: the default group); controllers reduce over it too.
 
     Raises:
         NoRoutersFoundError: the model has no recognisable router; the message says how to register one.
@@ -136,12 +140,14 @@ class RouterMonitor:
         capacity_factors: Sequence[float] = (1.0, 1.25),
         history_dir: str | os.PathLike | None = None,
         keep_windows: int | None = None,
+        process_group: Any = None,
     ) -> None:
         if any(not (isinstance(cf, (int, float)) and cf > 0) for cf in capacity_factors):
             raise ValueError(f"capacity_factors must be positive numbers, got {capacity_factors!r}")
         if not (isinstance(coactivation, bool) or coactivation == "auto"):
             raise ValueError(f"coactivation={coactivation!r} is not valid; choose True, False or 'auto'")
         self.layers: list[RouterLayer] = discover(model, routers)
+        self.process_group = process_group
         auto = coactivation == "auto"
         self._coactivation = [
             layer.top_k >= 2 and (coactivation is True or (auto and layer.num_experts <= COACTIVATION_MAX_EXPERTS))
@@ -359,9 +365,9 @@ class RouterMonitor:
             # decisions taken from the statistics stay the same everywhere.
             total[sorted(self._disabled), self.layout.scalar("disabled")] = 1.0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_backend() == "nccl" and total.device.type != "cuda":
+            if torch.distributed.get_backend(self.process_group) == "nccl" and total.device.type != "cuda":
                 total = total.to(torch.device("cuda", torch.cuda.current_device()))
-            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(total, group=self.process_group)
         host_LF = total.to("cpu", torch.float64, copy=True)
         for buffer in buffers:
             buffer.zero_()
@@ -408,6 +414,7 @@ class RouterMonitor:
             column["dropped"],
             column["drop_unknown"],
             column["unrouted_tokens"],
+            column["skipped"],
         )
         stat_values = {name: torch.where(disabled_L, math.nan, stat_values[name]) for name in STAT_NAMES}
         extras: dict[str, torch.Tensor] = {
@@ -436,6 +443,8 @@ class RouterMonitor:
             nonfinite_tokens=column["nonfinite_tokens"].round().long(),
             stats=stat_values,
             extras=extras,
+            kept=(counts_LE - host_LF[:, layout.lost]).round().long(),
+            skipped=column["skipped"].round().long(),
         )
         self.history.append(snapshot)
         return snapshot

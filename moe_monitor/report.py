@@ -56,7 +56,17 @@ _KNOB_TITLES = {"aux_loss_coef": "Aux-loss coefficient", "router_noise": "Router
 
 
 class RunFilesNotFoundError(FileNotFoundError):
-    """Raised when a run directory holds no frames saved by the monitor."""
+    """Raised when a run directory holds no frames saved by the monitor.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as empty:
+        ...     try:
+        ...         load_run(empty)
+        ...     except RunFilesNotFoundError as error:
+        ...         print(str(error)[:30], isinstance(error, FileNotFoundError))
+        no layers.csv or layers.parque True
+    """
 
 
 # ------------------------------------------------------------------------------------------------- finding files
@@ -124,6 +134,18 @@ def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None, pd
 
     Raises:
         RunFilesNotFoundError: when no ``layers`` frame is found, with what to do about it.
+
+    Example:
+        >>> import tempfile
+        >>> from moe_monitor.detect import make_snapshot
+        >>> from moe_monitor.history import History
+        >>> history = History(["router"], num_experts=[2], top_k=[1])
+        >>> history.append(make_snapshot([[30, 10]], step=10, top_k=1))
+        >>> with tempfile.TemporaryDirectory() as run_dir:
+        ...     _ = history.save(run_dir)
+        ...     layers, experts, events = load_run(run_dir)
+        >>> list(layers.step), list(experts["count"]), events is None
+        ([10], [30, 10], True)
     """
     history = find_history(run_dir)
     return _read_frame(history, "layers"), _read_frame(history, "experts"), _read_frame(history, "events")
@@ -840,6 +862,19 @@ def render_report(run_dir: str | Path | Sequence[str | Path], title: str | None 
 
     Raises:
         RunFilesNotFoundError: when a folder holds no history, or the history of several runs.
+
+    Example:
+        >>> import tempfile
+        >>> from moe_monitor.detect import make_snapshot
+        >>> from moe_monitor.history import History
+        >>> history = History(["router"], num_experts=[2], top_k=[1])
+        >>> for step in (10, 20):
+        ...     history.append(make_snapshot([[30, 10]], step=step, top_k=1))
+        >>> run_dir = tempfile.mkdtemp()
+        >>> _ = history.save(run_dir)
+        >>> page = render_report(run_dir)
+        >>> page.startswith("<!DOCTYPE html>") or page.lstrip().lower().startswith("<!doctype html>")
+        True
     """
     dirs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
     if not dirs:
@@ -865,6 +900,19 @@ def write_report(run_dir: str | Path | Sequence[str | Path], output: str | Path 
 
     ``output`` defaults to ``RUN_DIR/moe_report.html`` for one run and ``FIRST_RUN_DIR/moe_compare.html`` for
     several.
+
+    Example:
+        >>> import tempfile
+        >>> from moe_monitor.detect import make_snapshot
+        >>> from moe_monitor.history import History
+        >>> history = History(["router"], num_experts=[2], top_k=[1])
+        >>> for step in (10, 20):
+        ...     history.append(make_snapshot([[30, 10]], step=step, top_k=1))
+        >>> run_dir = tempfile.mkdtemp()
+        >>> _ = history.save(run_dir)
+        >>> path = write_report(run_dir)
+        >>> path.name, path.stat().st_size > 1000
+        ('moe_report.html', True)
     """
     dirs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
     if output is not None:

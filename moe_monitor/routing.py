@@ -36,6 +36,11 @@ class Routing(NamedTuple):
             capacity; ``None`` for dropless routers.
         skipped_A: ``bool [A]``, ``True`` where a random policy of the router skipped the assignment (not a
             capacity drop: ``kept_A`` stays ``True`` there); ``None`` when the router has no such policy.
+
+    Example:
+        >>> r = Routing(torch.tensor([0, 0, 1]), torch.tensor([2, 0, 1]), num_tokens=2)
+        >>> r.num_tokens, r.logits_TE is None, r.kept_A is None
+        (2, True, True)
     """
 
     token_idx_A: torch.Tensor

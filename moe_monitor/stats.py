@@ -124,13 +124,16 @@ def compute(
     dropped_L: torch.Tensor,
     drop_unknown_L: torch.Tensor | None = None,
     unrouted_L: torch.Tensor | None = None,
+    skipped_L: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every SPEC §3 statistic (keys as ``moe_monitor.snapshot.STAT_NAMES``, plus ``unrouted_fraction``).
 
     ``prob_tokens_L`` / ``logit_tokens_L`` are the tokens whose probabilities / logits were known: 0 makes the
     statistics that need them NaN. ``drop_unknown_L`` > 0 (assignments of a router with a capacity that did not
     report its drops) makes ``dropped_fraction`` NaN: 0 would be a made-up number. ``unrouted_L`` are the counted
-    tokens no expert selected; ``unrouted_fraction = unrouted / tokens`` (NaN when not given).
+    tokens no expert selected; ``unrouted_fraction = unrouted / tokens`` (NaN when not given). ``skipped_L`` are the
+    assignments a random policy of the router skipped; ``skipped_fraction = skipped / assignments`` (NaN when not
+    given).
 
     Example:
         >>> f64 = lambda *v: torch.tensor(v, dtype=torch.float64)
@@ -157,6 +160,7 @@ def compute(
         "router_entropy": entropy_sum_L / prob_tokens_L,
         "top1_confidence": top1_sum_L / prob_tokens_L,
         "unrouted_fraction": (math.nan if unrouted_L is None else unrouted_L) / tokens_L,
+        "skipped_fraction": (math.nan if skipped_L is None else skipped_L) / assignments_L,
     }
 
 
@@ -192,4 +196,5 @@ def window(values_LF: torch.Tensor, layout: Any, num_experts_L: torch.Tensor) ->
         read("dropped"),
         read("drop_unknown"),
         read("unrouted_tokens"),
+        read("skipped"),
     )

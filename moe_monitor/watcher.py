@@ -205,6 +205,9 @@ class Watcher:
             the ``moe-monitor report`` command (also written as ``summary.json`` beside the history files);
             ``"cli"`` words the hints as ``moe-monitor train`` flags; a
             :class:`~moe_monitor.sinks.console.ConsoleSink` (e.g. with ``out=tqdm.write``); ``False``: silent.
+        process_group: the ``torch.distributed`` group every reduction of the Watcher (windows, controllers,
+            pending evaluation windows) runs over; ``None``: the default group (see
+            :class:`~moe_monitor.monitor.RouterMonitor`).
 
     Raises:
         ValueError: an argument is of the wrong type or out of range; the message lists what is allowed.
@@ -246,6 +249,7 @@ class Watcher:
         control: bool = True,
         is_global_zero: bool | None = None,
         console: bool | Literal["library", "cli"] | ConsoleSink = True,
+        process_group: Any = None,
     ) -> None:
         flags = {
             "log_expert_loads": log_expert_loads,
@@ -295,7 +299,7 @@ class Watcher:
         self._pending_controller_state: dict[str, Any] = {}
         self._warned: set[str] = set()
         self._closed = False
-        self.monitor = RouterMonitor(model, routers=routers)
+        self.monitor = RouterMonitor(model, routers=routers, process_group=process_group)
         if not self.is_global_zero:
             # Only the main process writes the history files; the others keep the recent windows, silently.
             self.monitor.history.recent_only()
@@ -460,9 +464,10 @@ class Watcher:
             return
         phases = self.deferrable_phases
         steps = torch.tensor([float(self._pending_eval.get(p, -1)) for p in phases], dtype=torch.float64)
-        if torch.distributed.get_backend() == "nccl":
+        group = self.monitor.process_group
+        if torch.distributed.get_backend(group) == "nccl":
             steps = steps.to(torch.device("cuda", torch.cuda.current_device()))
-        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX, group=group)
         self._pending_eval = {}
         for phase, step in zip(phases, steps.tolist()):
             if step >= 0:

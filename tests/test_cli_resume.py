@@ -192,9 +192,12 @@ def test_resume_last_of_a_run_without_logger(tiny_preset, tmp_path):
     assert cli.main([*argv, "--steps", "4", "--out", str(tmp_path)]) == 0
     assert cli.main(["train", "--resume", "last", "--steps", "6", "--out", str(tmp_path)]) == 0
     assert _checkpoint_step(tmp_path / "moe" / "checkpoints" / "last.ckpt") == 6
-    (history,) = (tmp_path / "moe").rglob("layers.csv")  # wherever the callback puts a logger-less run's files
-    layers = pd.read_csv(history)
-    assert layers[layers.layer_index == 0].step.tolist() == [2, 4, 6]
+    # Without a logger every fit gets a run folder of its own (moe_runs/run_<N>): the resumed fit's folder holds the
+    # whole history (the checkpoint's windows copied over, then continued); the first fit's folder is left as it was.
+    first, resumed = sorted((tmp_path / "moe").rglob("layers.csv"), key=lambda p: p.parent.name)
+    assert (first.parent.name, resumed.parent.name) == ("run_0", "run_1")
+    assert pd.read_csv(first).query("layer_index == 0").step.tolist() == [2, 4]
+    assert pd.read_csv(resumed).query("layer_index == 0").step.tolist() == [2, 4, 6]
 
 
 def test_explicit_options_are_those_written_on_the_command_line():

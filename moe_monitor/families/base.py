@@ -24,11 +24,28 @@ ROUTER_KINDS = ("token_choice", "expert_choice")
 
 
 class NoRoutersFoundError(ValueError):
-    """Raised when a model has no router the monitor can recognise; the message says how to register one."""
+    """Raised when a model has no router the monitor can recognise; the message says how to register one.
+
+    Example:
+        >>> from moe_monitor import RouterMonitor
+        >>> try:
+        ...     RouterMonitor(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+        ... except NoRoutersFoundError as error:
+        ...     print(type(error).__name__, isinstance(error, ValueError))
+        NoRoutersFoundError True
+    """
 
 
 class RouterOutputError(ValueError):
-    """A router's output does not have the layout its family (or the generic reader) expects; the message says why."""
+    """A router's output does not have the layout its family (or the generic reader) expects; the message says why.
+
+    Example:
+        >>> try:
+        ...     read_output(torch.randn(3, 2), num_experts=4, top_k=2)
+        ... except RouterOutputError as error:
+        ...     print(str(error).split(":")[0])
+        the router returned float32[3, 2]
+    """
 
 
 @dataclass
@@ -83,6 +100,12 @@ class RouterLayer:
             the logits come from, or ``None``), ``"assumed"`` (the generic fallback's guesses).
         live: for routers whose kind and capacity may change between steps (the reference router),
             ``fn(module) -> (kind, dropless)`` read at every forward instead of ``kind`` and ``dropless``.
+
+    Example:
+        >>> from moe_monitor.families.manual import layers
+        >>> layer = layers(nn.Sequential(nn.Linear(8, 4)), [RouterSpec(name="0", top_k=2)], lambda *a: None)[0]
+        >>> layer.name, layer.num_experts, layer.top_k, layer.kind, layer.adapter
+        ('0', 4, 2, 'token_choice', 'manual')
     """
 
     name: str
@@ -152,12 +175,24 @@ def positive_int(obj: Any, *attrs: str) -> int | None:
 
 
 def module_num_experts(module: nn.Module) -> int | None:
-    """Reads ``E`` from the usual attribute names of a router module, or ``None``."""
+    """Reads ``E`` from the usual attribute names of a router module, or ``None``.
+
+    Example:
+        >>> module_num_experts(nn.Linear(16, 8)), module_num_experts(nn.ReLU())
+        (8, None)
+    """
     return positive_int(module, "num_experts", "n_experts", "n_routed_experts", "num_local_experts", "out_features")
 
 
 def module_top_k(module: nn.Module) -> int | None:
-    """Reads ``k`` from the usual attribute names of a router module, or ``None``."""
+    """Reads ``k`` from the usual attribute names of a router module, or ``None``.
+
+    Example:
+        >>> gate = nn.Linear(16, 8)
+        >>> gate.num_experts_per_tok = 2
+        >>> module_top_k(gate), module_top_k(nn.ReLU())
+        (2, None)
+    """
     return positive_int(module, "top_k", "num_experts_per_tok", "k")
 
 
@@ -319,7 +354,19 @@ def module_logit_width(module: nn.Module) -> int | None:
 
 
 def check_width(layer: RouterLayer) -> None:
-    """Raises ``ValueError`` when the router's gate weight has another number of rows than its expert count."""
+    """Raises ``ValueError`` when the router's gate weight has another number of rows than its expert count.
+
+    Example:
+        >>> from moe_monitor.families.manual import layers
+        >>> layer = layers(nn.Sequential(nn.Linear(8, 4)), [RouterSpec(name="0", top_k=2)], lambda *a: None)[0]
+        >>> check_width(layer)  # 4 rows, 4 experts: fine
+        >>> layer.num_experts = 6
+        >>> try:
+        ...     check_width(layer)
+        ... except ValueError as error:
+        ...     print(str(error)[:60])
+        Router '0' (Linear) computes 4 expert scores (the shape of i
+    """
     width = module_logit_width(layer.module)
     if width is not None and width != layer.num_experts:
         raise ValueError(
@@ -426,6 +473,25 @@ def expect_forward(model: nn.Module, layer: RouterLayer, advice: Callable[[str, 
         model: the model (to name the parent).
         layer: the monitored router.
         advice: ``fn(parent_name, parent) -> str``, what to register instead.
+
+    Example:
+        >>> import warnings
+        >>> from moe_monitor.families.manual import layers
+        >>> class Gate(nn.Module):  # applies its child's weight without calling the child
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.wg = nn.Linear(4, 2, bias=False)
+        ...     def forward(self, x):
+        ...         return nn.functional.linear(x, self.wg.weight)
+        >>> model = nn.Sequential(Gate())
+        >>> layer = layers(model, [RouterSpec(name="0.wg", top_k=1)], lambda *a: None)[0]
+        >>> handle = layer.module.register_forward_hook(lambda *a: None)  # what the monitor's hook would be
+        >>> expect_forward(model, layer, lambda name, parent: f"Register {name!r} instead.")
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = model(torch.randn(3, 4))
+        >>> "never ran" in str(caught[0].message), str(caught[0].message).endswith("Register '0' instead.")
+        (True, True)
     """
     if not layer.name:
         return

@@ -37,7 +37,12 @@ _LIBRARY = "deepspeed"
 
 
 def knobs(model: nn.Module, layer_path: str) -> LayerKnobs:
-    """No knob the controllers can turn (see the module docstring)."""
+    """No knob the controllers can turn (see the module docstring).
+
+    Example:
+        >>> knobs(nn.Sequential(nn.Linear(8, 4)), "0") == LayerKnobs()
+        True
+    """
     return LayerKnobs()
 
 
@@ -69,7 +74,16 @@ def routing_from_slots(chosen_KS: torch.Tensor, exp_counts_E: torch.Tensor, logi
 
 
 def extract(module: nn.Module, args: tuple, output: Any) -> Routing:
-    """Maps either output layout of ``TopKGate`` to a :class:`Routing` (see the module docstring)."""
+    """Maps either output layout of ``TopKGate`` to a :class:`Routing` (see the module docstring).
+
+    Example:
+        >>> gate = nn.Module()
+        >>> gate.wg, gate.k = nn.Linear(4, 2, bias=False), 1
+        >>> slots_KS, exp_counts_E = torch.tensor([[0, 1, -1]]), torch.tensor([1, 2])  # token 2 dropped from expert 1
+        >>> r = extract(gate, (torch.randn(3, 4),), (None, None, None, slots_KS, None, None, exp_counts_E))
+        >>> r.expert_idx_A.tolist(), r.kept_A.tolist(), tuple(r.logits_TE.shape)
+        ([0, 1, 1], [True, True, False], (3, 2))
+    """
     logits_SE = torch.nn.functional.linear(args[0].detach().float(), module.wg.weight.detach().float())
     logits_SE = logits_SE.reshape(-1, logits_SE.shape[-1])
     exp_counts_E = output[-1]
@@ -83,7 +97,12 @@ def extract(module: nn.Module, args: tuple, output: Any) -> Routing:
 
 
 def describe(name: str, module: nn.Module, model: nn.Module) -> RouterLayer | None:
-    """The layer of a DeepSpeed ``TopKGate``, else ``None``."""
+    """The layer of a DeepSpeed ``TopKGate``, else ``None``.
+
+    Example:
+        >>> describe("0", nn.Linear(8, 4), nn.Sequential(nn.Linear(8, 4))) is None  # not a DeepSpeed TopKGate
+        True
+    """
     if not is_instance_of(module, _LIBRARY, _CLASSES):
         return None
     meta = {"knobs": knobs, "logits": "recomputed from the gate input (F.linear with wg.weight)", "probs": "softmax"}

@@ -132,5 +132,10 @@ def discover(model: nn.Module) -> list[RouterLayer]:
 
 
 def describe(name: str, module: nn.Module, model: nn.Module) -> RouterLayer | None:
-    """The generic fallback describes nothing by itself in manual registration (a bare name is read as-is)."""
+    """The generic fallback describes nothing by itself in manual registration (a bare name is read as-is).
+
+    Example:
+        >>> describe("router", nn.Linear(8, 4), nn.Sequential(nn.Linear(8, 4))) is None
+        True
+    """
     return None

@@ -179,7 +179,12 @@ def _layer(name: str, module: nn.Module, index: int, config: Any, adapter: str) 
 
 
 def describe(name: str, module: nn.Module, model: nn.Module) -> RouterLayer | None:
-    """The :class:`RouterLayer` of ``module`` if it is a router class in ``model``'s registry, else ``None``."""
+    """The :class:`RouterLayer` of ``module`` if it is a router class in ``model``'s registry, else ``None``.
+
+    Example:
+        >>> describe("0", nn.Linear(8, 4), nn.Sequential(nn.Linear(8, 4))) is None  # not a transformers router class
+        True
+    """
     if "transformers" not in sys.modules:
         return None
     for recorder in _recorders(model):

@@ -33,13 +33,32 @@ _LIBRARY = "mixture_of_experts"
 
 
 def knobs(model: nn.Module, layer_path: str) -> LayerKnobs:
-    """The loss weight of the ``MoE`` holding the gate, when it has one."""
+    """The loss weight of the ``MoE`` holding the gate, when it has one.
+
+    Example:
+        >>> moe = nn.Module()
+        >>> moe.gate, moe.loss_coef = nn.Module(), 0.01
+        >>> [ref.label for ref in knobs(nn.Sequential(moe), "0.gate").aux_loss_coef]
+        ['0.loss_coef']
+    """
     ref = KnobRef(layer_path.rpartition(".")[0], "loss_coef")
     return LayerKnobs(aux_loss_coef=(ref,) if ref.get(model) is not None else ())
 
 
 def extract(module: nn.Module, args: tuple, output: Any) -> Routing:
-    """Maps ``Top2Gating``'s output to a :class:`Routing` (see the module docstring)."""
+    """Maps ``Top2Gating``'s output to a :class:`Routing` (see the module docstring).
+
+    Example:
+        >>> gate = nn.Module()  # the attributes extract reads from a Top2Gating
+        >>> gate.w_gating, gate.eps = torch.eye(3), 1e-9
+        >>> gate.second_policy_train, gate.second_threshold_train = "all", 0.2
+        >>> x_BND = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 2.0, 1.0]]])  # top-2: experts (0, 1) and (1, 2)
+        >>> dispatch_BNEC = torch.zeros(1, 2, 3, 2)
+        >>> dispatch_BNEC[0, 0, 0, 0] = dispatch_BNEC[0, 0, 1, 0] = dispatch_BNEC[0, 1, 1, 1] = 1  # (1, 2) dropped on 2
+        >>> r = extract(gate, (x_BND,), (dispatch_BNEC, None, None))
+        >>> r.expert_idx_A.tolist(), r.kept_A.tolist()
+        ([0, 1, 1, 2], [True, True, True, False])
+    """
     dispatch_BNEC = output[0].detach()
     ran_BNE = (dispatch_BNEC != 0).any(dim=-1).reshape(-1, *dispatch_BNEC.shape[-3:-1])
     logits_BNE = (args[0].detach() @ module.w_gating.detach()).reshape(ran_BNE.shape)
@@ -60,7 +79,12 @@ def extract(module: nn.Module, args: tuple, output: Any) -> Routing:
 
 
 def describe(name: str, module: nn.Module, model: nn.Module) -> RouterLayer | None:
-    """The layer of a mixture-of-experts gate, else ``None``."""
+    """The layer of a mixture-of-experts gate, else ``None``.
+
+    Example:
+        >>> describe("0", nn.Linear(8, 4), nn.Sequential(nn.Linear(8, 4))) is None  # not a Top2Gating
+        True
+    """
     # Top2Gating with outer_expert_dims (hierarchical MoE) has a 3-d w_gating and another output layout.
     if not is_instance_of(module, _LIBRARY, _CLASSES) or module.w_gating.dim() != 2:
         return None

@@ -31,8 +31,8 @@ def layers(model: nn.Module, routers: Iterable[str | nn.Module | RouterSpec], de
     Args:
         model: the model.
         routers: module names, modules and/or :class:`RouterSpec`.
-        describe_known: ``fn(name, module, model) -> RouterLayer | None``, the registry's lookup of the families that
-            recognise a module (used for bare names and modules).
+        describe_known (Callable[[str, nn.Module, nn.Module], RouterLayer | None]): ``fn(name, module, model)``,
+            the registry's lookup of the families that recognise a module (used for bare names and modules).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))

@@ -37,7 +37,16 @@ _LIBRARY = "megatron.core"
 
 
 def knobs(model: nn.Module, layer_path: str) -> LayerKnobs:
-    """The aux-loss coefficient (when a single float) and the expert bias (when enabled)."""
+    """The aux-loss coefficient (when a single float) and the expert bias (when enabled).
+
+    Example:
+        >>> import types
+        >>> router = nn.Module()
+        >>> router.config, router.expert_bias = types.SimpleNamespace(moe_aux_loss_coeff=0.01), None
+        >>> k = knobs(nn.Sequential(router), "0")
+        >>> [ref.label for ref in k.aux_loss_coef], k.expert_bias
+        (['0.config.moe_aux_loss_coeff'], None)
+    """
     router = model.get_submodule(layer_path)
     coeff = getattr(router.config, "moe_aux_loss_coeff", None)
     has_coeff = isinstance(coeff, (int, float)) and not isinstance(coeff, bool)
@@ -80,6 +89,10 @@ def describe(name: str, module: nn.Module, model: nn.Module) -> RouterLayer | No
 
     Raises:
         ValueError: group-limited routing with a capacity factor (see the module docstring).
+
+    Example:
+        >>> describe("0", nn.Linear(8, 4), nn.Sequential(nn.Linear(8, 4))) is None  # not a Megatron-Core TopKRouter
+        True
     """
     if not is_instance_of(module, _LIBRARY, _CLASSES):
         return None

@@ -28,7 +28,15 @@ _LIBRARY = "olmo_core"
 
 
 def knobs(model: nn.Module, layer_path: str) -> LayerKnobs:
-    """The router's aux-loss weight, input jitter and score bias, those it has."""
+    """The router's aux-loss weight, input jitter and score bias, those it has.
+
+    Example:
+        >>> router = nn.Linear(8, 4)  # the attributes of an OLMo-core MoERouter
+        >>> router.lb_loss_weight, router.jitter_eps, router.score_bias = 0.01, 0.1, None
+        >>> k = knobs(nn.Sequential(router), "0")
+        >>> [ref.label for ref in k.aux_loss_coef], k.jitter.label, k.expert_bias
+        (['0.lb_loss_weight'], '0.jitter_eps', None)
+    """
     router = model.get_submodule(layer_path)
     return LayerKnobs(
         aux_loss_coef=(KnobRef(layer_path, "lb_loss_weight"),) if router.lb_loss_weight is not None else (),
@@ -49,7 +57,12 @@ def _extract(stash: MethodStash):
 
 
 def describe(name: str, module: nn.Module, model: nn.Module) -> RouterLayer | None:
-    """The layer of an OLMo-core router, else ``None``."""
+    """The layer of an OLMo-core router, else ``None``.
+
+    Example:
+        >>> describe("0", nn.Linear(8, 4), nn.Sequential(nn.Linear(8, 4))) is None  # not an OLMo-core MoERouter
+        True
+    """
     if not is_instance_of(module, _LIBRARY, _CLASSES):
         return None
     wraps = callable(getattr(type(module), "get_expert_logits", None))

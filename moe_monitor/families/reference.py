@@ -35,7 +35,18 @@ def is_reference_router(module: nn.Module) -> bool:
 
 
 def extract(module: nn.Module, args: tuple, output: Any) -> Routing:
-    """Maps a ``RouterOutput`` to a :class:`Routing`."""
+    """Maps a ``RouterOutput`` to a :class:`Routing`.
+
+    Example:
+        >>> import torch
+        >>> from moe_monitor.reference import MoEConfig, MoETransformer
+        >>> config = MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, top_k=2, d_expert=8)
+        >>> model = MoETransformer(config)
+        >>> router, x_TD = model.get_submodule("blocks.0.moe.router"), torch.randn(6, 16)
+        >>> r = extract(router, (x_TD,), router(x_TD))
+        >>> r.num_tokens, r.expert_idx_A.numel(), r.kept_A is None  # dropless: no capacity
+        (6, 12, True)
+    """
     # The reference router reports kept_A all True when dropless; None tells the counters there is no capacity.
     kept_A = None if getattr(module, "capacity_factor", None) is None else output.kept_A
     return Routing(
@@ -51,7 +62,14 @@ def extract(module: nn.Module, args: tuple, output: Any) -> Routing:
 
 
 def live(module: nn.Module) -> tuple[str, bool]:
-    """``(kind, dropless)`` of the reference router now: its contract lets both change between steps."""
+    """``(kind, dropless)`` of the reference router now: its contract lets both change between steps.
+
+    Example:
+        >>> from moe_monitor.reference import MoEConfig, MoETransformer
+        >>> model = MoETransformer(MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, d_expert=8))
+        >>> live(model.get_submodule("blocks.0.moe.router"))
+        ('token_choice', True)
+    """
     return getattr(module, "kind", "token_choice"), getattr(module, "capacity_factor", None) is None
 
 
@@ -74,7 +92,16 @@ def knobs(model: nn.Module, layer_path: str) -> LayerKnobs:
 
 
 def describe(name: str, module: nn.Module, model: nn.Module | None = None) -> RouterLayer | None:
-    """The :class:`RouterLayer` of a reference router, else ``None``."""
+    """The :class:`RouterLayer` of a reference router, else ``None``.
+
+    Example:
+        >>> from moe_monitor.reference import MoEConfig, MoETransformer
+        >>> config = MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, top_k=2, d_expert=8)
+        >>> model = MoETransformer(config)
+        >>> layer = describe("blocks.0.moe.router", model.get_submodule("blocks.0.moe.router"))
+        >>> layer.num_experts, layer.top_k, layer.adapter, describe("x", nn.Linear(2, 2))
+        (4, 2, 'reference', None)
+    """
     if not is_reference_router(module):
         return None
     kind, dropless = live(module)

@@ -35,7 +35,14 @@ _LIBRARY = "st_moe_pytorch"
 
 
 def knobs(model: nn.Module, layer_path: str) -> LayerKnobs:
-    """The balance-loss weight of the ``MoE`` holding the gate, when it has one."""
+    """The balance-loss weight of the ``MoE`` holding the gate, when it has one.
+
+    Example:
+        >>> moe = nn.Module()
+        >>> moe.gate, moe.balance_loss_coef = nn.Module(), 0.01
+        >>> [ref.label for ref in knobs(nn.Sequential(moe), "0.gate").aux_loss_coef]
+        ['0.balance_loss_coef']
+    """
     ref = KnobRef(layer_path.rpartition(".")[0], "balance_loss_coef")
     return LayerKnobs(aux_loss_coef=(ref,) if ref.get(model) is not None else ())
 
@@ -70,7 +77,12 @@ def _extract(name: str, stash: GateStash, noise: dict):
 
 
 def describe(name: str, module: nn.Module, model: nn.Module) -> RouterLayer | None:
-    """The layer of an st-moe gate, else ``None``."""
+    """The layer of an st-moe gate, else ``None``.
+
+    Example:
+        >>> describe("0", nn.Linear(8, 4), nn.Sequential(nn.Linear(8, 4))) is None  # not an st-moe TopNGating
+        True
+    """
     if not is_instance_of(module, _LIBRARY, _CLASSES):
         return None
     stash = GateStash(module, module.to_gates)

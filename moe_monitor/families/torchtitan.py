@@ -28,7 +28,15 @@ _LIBRARY = "torchtitan"
 
 
 def knobs(model: nn.Module, layer_path: str) -> LayerKnobs:
-    """The expert bias of the ``MoE`` holding the router, when it has one."""
+    """The expert bias of the ``MoE`` holding the router, when it has one.
+
+    Example:
+        >>> import torch
+        >>> moe = nn.Module()
+        >>> moe.router, moe.expert_bias_E = nn.Linear(8, 4), torch.zeros(4)
+        >>> knobs(nn.Sequential(moe), "0.router").expert_bias.label
+        '0.expert_bias_E'
+    """
     parent = layer_path.rpartition(".")[0]
     bias = KnobRef(parent, "expert_bias_E")
     return LayerKnobs(expert_bias=bias if bias.get(model) is not None else None)
@@ -50,7 +58,12 @@ def _extract(stash: GateStash):
 
 
 def describe(name: str, module: nn.Module, model: nn.Module) -> RouterLayer | None:
-    """The layer of a torchtitan router, else ``None``."""
+    """The layer of a torchtitan router, else ``None``.
+
+    Example:
+        >>> describe("0", nn.Linear(8, 4), nn.Sequential(nn.Linear(8, 4))) is None  # not a torchtitan router
+        True
+    """
     if not is_instance_of(module, _LIBRARY, _CLASSES):
         return None
     stash = GateStash(module, module.gate)

@@ -84,6 +84,8 @@ class MoETrainerCallback(TrainerCallback):
             new incident with a hint, recoveries, knob changes and an end-of-run summary with the
             ``moe-monitor report`` command (``summary.json`` beside the history files); ``"cli"`` words hints as
             ``moe-monitor train`` flags; a :class:`~moe_monitor.sinks.console.ConsoleSink`; ``False``: silent.
+        process_group: the ``torch.distributed`` group the windows and controllers reduce over; ``None``: the
+            default group (see :class:`~moe_monitor.monitor.RouterMonitor` and docs/distributed.md).
 
     Raises:
         ValueError: an argument is of the wrong type or out of range; the message lists what is allowed.
@@ -113,6 +115,7 @@ class MoETrainerCallback(TrainerCallback):
         save_frames: bool = True,
         name: str | None = None,
         console: bool | Literal["library", "cli"] | ConsoleSink = True,
+        process_group: Any = None,
     ) -> None:
         flags = {
             "log_expert_loads": log_expert_loads,
@@ -136,6 +139,7 @@ class MoETrainerCallback(TrainerCallback):
             console=console,
         )
         self.console = console
+        self.process_group = process_group
         self.log_every = log_every
         self.log_expert_loads = log_expert_loads
         self.log_histograms = log_histograms
@@ -181,6 +185,7 @@ class MoETrainerCallback(TrainerCallback):
             stop_on_collapse=self.stop_on_collapse,
             is_global_zero=bool(state.is_world_process_zero),
             console=console_sink(self.console, self.controllers, "MoETrainerCallback", _tqdm_write()) or False,
+            process_group=self.process_group,
         )
         self._mask_hook = model.register_forward_pre_hook(self._read_mask, with_kwargs=True)
 

@@ -28,6 +28,13 @@ class MoEOutput(NamedTuple):
         logits: ``[B, S, V]`` next-token logits.
         aux_loss: 0-dim load-balancing loss summed over MoE layers, times ``aux_loss_coef``.
         z_loss: 0-dim router z-loss summed over MoE layers, times ``z_loss_coef``.
+
+    Example:
+        >>> config = MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, top_k=2, d_expert=8)
+        >>> model = MoETransformer(config)
+        >>> out = model(torch.randint(0, 256, (2, 8)))
+        >>> tuple(out.logits.shape), out.aux_loss.dim(), out.z_loss.dim()
+        ((2, 8, 256), 0, 0)
     """
 
     logits: torch.Tensor
@@ -58,7 +65,14 @@ class MoELayer(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient)."""
+    """Multi-head causal self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient).
+
+    Example:
+        >>> config = MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, top_k=2, d_expert=8)
+        >>> attention = CausalSelfAttention(config, out_std=0.02)
+        >>> tuple(attention(torch.randn(2, 8, 16)).shape)
+        (2, 8, 16)
+    """
 
     def __init__(self, config: MoEConfig, out_std: float) -> None:
         super().__init__()
@@ -77,7 +91,15 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + moe(norm(x))`` (or a dense MLP)."""
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + moe(norm(x))`` (or a dense MLP).
+
+    Example:
+        >>> config = MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, top_k=2, d_expert=8)
+        >>> block = Block(config, moe=True)
+        >>> x_BSD, aux_loss, z_loss = block(torch.randn(2, 8, 16))
+        >>> tuple(x_BSD.shape), aux_loss.dim(), z_loss.dim()
+        ((2, 8, 16), 0, 0)
+    """
 
     def __init__(self, config: MoEConfig, moe: bool) -> None:
         super().__init__()

@@ -45,6 +45,12 @@ class RouterOutput(NamedTuple):
         kept_A: bool ``[A]``, ``False`` where the assignment was dropped for capacity.
         aux_loss: 0-dim load-balancing loss, times ``aux_loss_coef``.
         z_loss: 0-dim router z-loss, times ``z_loss_coef``.
+
+    Example:
+        >>> router = Router(MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, top_k=2, d_expert=8))
+        >>> out = router(torch.randn(6, 16))  # [T, D] tokens
+        >>> tuple(out.logits_TE.shape), out.expert_idx_A.numel(), bool(out.kept_A.all())  # dropless: all kept
+        ((6, 4), 12, True)
     """
 
     logits_TE: torch.Tensor

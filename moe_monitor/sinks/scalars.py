@@ -16,8 +16,8 @@ model order, zero-padded to at least two digits; ``<EE>`` an expert label such a
 - ``moe/<phase>/load/<LL>/<EE>``: each expert's load, only with ``log_expert_loads=True``.
 
 Non-finite values (a statistic the router cannot provide, an empty window) are left out rather than logged as NaN.
-Keys per window (``S = len(STAT_NAMES) = 11`` statistics, ``L`` routers of ``E`` experts): at most
-``S L + 4 = 11 L + 4`` per layer (``per_layer=True``); at most ``4 S + WORST_LAYERS * len(WORST) + 4 = 63``
+Keys per window (``S = len(STAT_NAMES) = 12`` statistics, ``L`` routers of ``E`` experts): at most
+``S L + 4 = 12 L + 4`` per layer (``per_layer=True``); at most ``4 S + WORST_LAYERS * len(WORST) + 4 = 67``
 bounded, whatever ``L``; plus ``L E`` with expert loads.
 
 Shape legend: ``L`` layers, ``E`` experts.
@@ -96,8 +96,8 @@ def scalar_metrics(
 ) -> dict[str, float]:
     """The scalars of one window under the key scheme of this module.
 
-    Keys per window, with ``S = 11`` statistics and ``L`` routers: ``per_layer=True`` gives at most ``11 L + 4``
-    (every layer's statistics, then the 4 summaries); ``per_layer=False`` at most ``4 S + 3 * 5 + 4 = 63``
+    Keys per window, with ``S = 12`` statistics and ``L`` routers: ``per_layer=True`` gives at most ``12 L + 4``
+    (every layer's statistics, then the 4 summaries); ``per_layer=False`` at most ``4 S + 3 * 5 + 4 = 67``
     (4 quantiles per statistic, the 3 worst layers of 5 statistics, the 4 summaries), whatever ``L``;
     ``log_expert_loads`` adds ``L E``. Non-finite values are left out.
 

@@ -126,7 +126,14 @@ def custom_scalars_layout(
 
 
 def event_markdown(event: Any) -> str:
-    """One event as a markdown line for the TEXT tab (the fields of ``moe_monitor.detect.CollapseEvent``)."""
+    """One event as a markdown line for the TEXT tab (the fields of ``moe_monitor.detect.CollapseEvent``).
+
+    Example:
+        >>> from moe_monitor.detect import CollapseEvent
+        >>> event = CollapseEvent(30, "train", "L00", "load_entropy", 0.35, 0.6, "critical", "router collapse.")
+        >>> print(event_markdown(event))
+        **critical** alert `load_entropy` at step 30 (train), layer `L00`: value 0.35 vs threshold 0.6. router collapse.
+    """
     experts = ", ".join(str(e) for e in getattr(event, "experts", ()) or ())
     return (
         f"**{event.severity}** {event.kind} `{event.rule}` at step {event.step} ({event.phase}), layer "

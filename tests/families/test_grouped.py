@@ -43,6 +43,16 @@ def _plain_outcome(topk_BNK, ran_BNE, capacity: int, maybe_BNK, never_BNK=None):
     return counts, dropped, skipped
 
 
+def _check_kept_and_skipped(monitor: RouterMonitor, snap, dispatch_BNEC: torch.Tensor, skipped: int) -> None:
+    """The monitor's kept counts are what the library's dispatch tensor sends to each expert; skipped apart."""
+    ran_E = (dispatch_BNEC != 0).any(-1).sum((0, 1))
+    assert snap.kept[0].tolist() == ran_E.tolist()
+    assert snap.skipped.tolist() == [skipped]
+    row = monitor.layer_frame().iloc[0]
+    assert int(row.skipped) == skipped and row.skipped_fraction == pytest.approx(skipped / (B * N * 2))
+    assert monitor.expert_frame()["kept"].tolist() == ran_E.tolist()
+
+
 def _st_model(**kwargs) -> nn.ModuleDict:
     torch.manual_seed(0)
     return nn.ModuleDict({"moe": st_moe.MoE(dim=D, num_experts=E, **kwargs)})
@@ -76,6 +86,7 @@ def test_st_moe_counts_drops_and_skips_against_its_dispatch_tensor(record, thres
     assert int(routings[0].skipped_A.sum()) == skipped
     ran = int((dispatch != 0).sum())
     assert B * N * 2 - dropped - skipped == ran  # every assignment ran, was dropped or was skipped
+    _check_kept_and_skipped(monitor, snap, dispatch, skipped)
     if threshold == 1e-6:
         assert skipped == 0
     if threshold == 1e6:
@@ -119,6 +130,7 @@ def test_lucidrains_counts_drops_and_skips_against_its_dispatch_tensor(record, p
     assert snap.counts[0].tolist() == counts
     assert snap.dropped.tolist() == [dropped]
     assert int(routings[0].skipped_A.sum()) == skipped
+    _check_kept_and_skipped(monitor, snap, dispatch, skipped)
     if policy == "none":
         assert skipped == B * N
     if policy == "all":

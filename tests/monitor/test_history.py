@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import warnings
@@ -25,6 +26,7 @@ def snap(step: int, phase: str = "train", seed: int | None = None) -> Snapshot:
     counts[1, 3] = 0  # beyond layer b's 3 experts
     stats = {name: torch.rand(3, generator=generator, dtype=torch.float64) for name in STAT_NAMES}
     stats["z_loss"][2] = float("nan")
+    kept = counts - torch.randint(0, 3, (3, 4), generator=generator).minimum(counts)  # some dropped or skipped
     return Snapshot(
         step=step, phase=phase, layer_names=NAMES, num_experts=EXPERTS, top_k=TOP_K, counts=counts,
         tokens=counts.sum(1) // 2, dropped=torch.tensor([0, 1, 2]), nonfinite_tokens=torch.tensor([0, 0, 3]),
@@ -33,6 +35,8 @@ def snap(step: int, phase: str = "train", seed: int | None = None) -> Snapshot:
             "counterfactual_drop@1.0": torch.rand(3, generator=generator, dtype=torch.float64),
             "unrouted_tokens": torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64),
         },
+        kept=kept,
+        skipped=torch.tensor([1, 0, 4]),
     )
 
 
@@ -47,8 +51,8 @@ def expected_experts(snaps: list[Snapshot]) -> pd.DataFrame:
         for i, name in enumerate(NAMES):
             total = int(s.counts[i].sum())
             for e in range(EXPERTS[i]):
-                count = int(s.counts[i, e])
-                rows.append((s.step, s.phase, name, i, e, count, count / total if total else float("nan")))
+                count, kept = int(s.counts[i, e]), int(s.kept[i, e])
+                rows.append((s.step, s.phase, name, i, e, count, kept, count / total if total else float("nan")))
     return pd.DataFrame(rows, columns=list(history.EXPERT_COLUMNS))
 
 
@@ -58,7 +62,8 @@ def expected_layers(snaps: list[Snapshot]) -> pd.DataFrame:
         for i, name in enumerate(NAMES):
             row = {"step": s.step, "phase": s.phase, "layer": name, "layer_index": i, "num_experts": EXPERTS[i],
                    "top_k": TOP_K[i], "tokens": int(s.tokens[i]), "assignments": int(s.counts[i].sum()),
-                   "dropped": int(s.dropped[i]), "nonfinite_tokens": int(s.nonfinite_tokens[i]),
+                   "dropped": int(s.dropped[i]), "skipped": int(s.skipped[i]),
+                   "nonfinite_tokens": int(s.nonfinite_tokens[i]),
                    "counterfactual_drop@1.0": float(s.extras["counterfactual_drop@1.0"][i]),
                    "unrouted_tokens": float(s.extras["unrouted_tokens"][i]) if "unrouted_tokens" in s.extras
                    else float("nan")}
@@ -213,7 +218,7 @@ def test_state_without_files_is_bounded_and_restores_the_kept_windows():
 
 
 def test_version_1_state_is_upgraded():
-    s = snap(5)
+    s = dataclasses.replace(snap(5), kept=None)  # version 1 had no kept counts: they read as the counts
     s.extras.pop("unrouted_tokens")  # not counted when version 1 was written: NaN after the upgrade
     record = {
         "step": 5, "phase": "train", "layer_names": NAMES, "num_experts": EXPERTS, "top_k": TOP_K,
@@ -225,7 +230,7 @@ def test_version_1_state_is_upgraded():
     }
     h = make()
     h.load_state_dict({"version": 1, "layer_names": NAMES, "history": [record]})
-    check(h.layer_frame(), expected_layers([s]))
+    check(h.layer_frame(), expected_layers([s]).assign(skipped=float("nan")))  # not counted by version 1 either
     check(h.expert_frame(), expected_experts([s]))
 
 

@@ -25,7 +25,7 @@ def window(num_layers: int, seed: int = 0) -> Snapshot:
 
 @pytest.mark.parametrize("num_layers", [17, 58, 94])
 def test_bounded_key_count_does_not_grow_with_layers(num_layers):
-    s = len(STAT_NAMES)  # 11 statistics: the 10 of the metric reference and the unrouted fraction
+    s = len(STAT_NAMES)  # 12 statistics: the 10 of the metric reference, the unrouted and the skipped fraction
     auto = scalar_metrics(window(num_layers))
     assert len(auto) <= 4 * s + 3 * 5 + 4 and len(auto) >= 4 * s + 3 * 2 + 4
     assert len(scalar_metrics(window(num_layers), per_layer=True)) == s * num_layers + 4
