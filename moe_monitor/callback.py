@@ -28,6 +28,8 @@ from moe_monitor.watcher import STATE_VERSION, Watcher, check_options, console_s
 
 # Forwards of the sanity-check validation go to a phase that is never collected, so they are never counted.
 _SANITY_PHASE = "sanity_check"
+# Validation forwards of a domain count here first; at validation end they move to "val/<domain>" and to "val".
+_DOMAIN_COUNTING = "validating:"
 # Without a logger the history goes to <default_root_dir>/<_NO_LOGGER_DIR>/run_<N>/, one folder per fit.
 _NO_LOGGER_DIR = "moe_runs"
 
@@ -124,6 +126,11 @@ class MoEMonitor(Callback):
             progress bar fields stay).
         process_group: the ``torch.distributed`` group the windows and controllers reduce over; ``None``: the
             default group (see :class:`~moe_monitor.monitor.RouterMonitor` and docs/distributed.md).
+        val_domains: one name per validation dataloader, e.g. ``("english", "python")`` for
+            ``CorpusDataModule(val_loader_per_domain=True)``: each validation run also gives one window per
+            domain, phase ``"val/<name>"`` (keys ``moe/val/<name>/...``), of the batches of dataloader ``i``
+            (named ``val_domains[i]``), shown by ``moe-monitor report`` as expert use per domain; the ``"val"``
+            window still counts every batch. ``None``: only ``"val"``.
 
     Raises:
         MisconfigurationException: an argument is of the wrong type or out of range (the message lists what is
@@ -158,6 +165,7 @@ class MoEMonitor(Callback):
         name: str | None = None,
         console: bool | Literal["library", "cli"] | ConsoleSink = True,
         process_group: Any = None,
+        val_domains: Sequence[str] | None = None,
     ) -> None:
         flags = {
             "log_expert_loads": log_expert_loads,
@@ -193,6 +201,7 @@ class MoEMonitor(Callback):
         self.name = name
         self.console = console
         self.process_group = process_group
+        self.val_domains = _check_domains(val_domains)
 
         self.watcher: Watcher | None = None
         self.stopped_by_collapse = False
@@ -203,6 +212,7 @@ class MoEMonitor(Callback):
         self._stage: str | None = None
         self._files_dir: str | None = None
         self._bar: tuple[Any, Callable[..., Any]] | None = None  # the progress bar and its own get_metrics
+        self._domains_seen: dict[int, None] = {}  # dataloader indices of the running validation, in order
 
     # ------------------------------------------------------------------------------------------------- state
     @property
@@ -355,6 +365,8 @@ class MoEMonitor(Callback):
             # A second fit / validate / test with the same callback continues the same history.
             previous.detach()
             watcher.continue_from(previous)
+        if self.val_domains:
+            watcher.deferrable_phases += tuple(f"val/{domain}" for domain in self.val_domains)
         self.watcher = watcher
         self._hooked, self._deferred = True, False
         self._apply_pending_state()
@@ -432,10 +444,24 @@ class MoEMonitor(Callback):
         self._phase_scope.close()
 
     def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self._hooked:
-            self.watcher.batch(batch)
+        if not self._hooked:
+            return
+        self.watcher.batch(batch)
+        if self.val_domains and not trainer.sanity_checking and dataloader_idx not in self._domains_seen:
+            if dataloader_idx < len(self.val_domains):
+                self._domains_seen[dataloader_idx] = None
+                self._enter_phase(_DOMAIN_COUNTING + self.val_domains[dataloader_idx])
+            else:
+                self._phase_scope.close()  # counted to "val" only
+                self._domains_seen[dataloader_idx] = None
+                rank_zero_warn(
+                    f"MoEMonitor(val_domains={list(self.val_domains)}) names {len(self.val_domains)} validation"
+                    f" dataloaders, but there is a validation dataloader {dataloader_idx}: its batches count only to"
+                    " the 'val' window. Give val_domains one name per validation dataloader.",
+                    category=RuntimeWarning,
+                )
 
     def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
         if self._hooked:
@@ -443,6 +469,13 @@ class MoEMonitor(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._hooked and not trainer.sanity_checking:
+            if self.val_domains:
+                self._phase_scope.close()
+                for index in [i for i in self._domains_seen if i < len(self.val_domains)]:
+                    domain = self.val_domains[index]
+                    self.watcher.monitor.move_window(_DOMAIN_COUNTING + domain, ["val", f"val/{domain}"])
+                    self.watcher.end_phase(f"val/{domain}", trainer.global_step, now=False)
+                self._domains_seen = {}
             # A process with no validation batch skips the whole loop (and this hook): under DDP the window waits
             # for a point every process reaches, the next training window or the end of the stage.
             self.watcher.end_phase("val", trainer.global_step, now=False)
@@ -477,6 +510,20 @@ class MoEMonitor(Callback):
         if self._hooked:
             self._phase_scope.close()
             self._phase_scope.enter_context(self.watcher.phase(phase, close=False))
+
+
+def _check_domains(val_domains: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``val_domains`` as a tuple of distinct, non-empty names without ``/``; else a MisconfigurationException."""
+    if val_domains is None:
+        return None
+    # A string is a sequence of letters, not of names.
+    names = tuple(val_domains) if isinstance(val_domains, Sequence) and not isinstance(val_domains, str) else ()
+    if not names or len(set(names)) < len(names) or not all(isinstance(n, str) and n and "/" not in n for n in names):
+        raise MisconfigurationException(
+            f"val_domains={val_domains!r} is not valid; give one distinct, non-empty name without '/' per validation"
+            " dataloader, e.g. MoEMonitor(val_domains=('english', 'python')), or None for one 'val' window."
+        )
+    return names
 
 
 def _files_dir(trainer: pl.Trainer, log_dir: str | None) -> str | None:

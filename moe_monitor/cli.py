@@ -455,6 +455,7 @@ def build_callbacks(args: argparse.Namespace) -> list[Callback]:
         return callbacks
     from moe_monitor.callback import MoEMonitor
     from moe_monitor.controllers import make_controllers
+    from moe_monitor.reference.data import DOMAINS
 
     controllers = make_controllers(control_names(args))
     callbacks.insert(
@@ -465,6 +466,8 @@ def build_callbacks(args: argparse.Namespace) -> list[Callback]:
             controllers=controllers,
             stop_on_collapse=args.stop_on_collapse,
             console="cli",
+            # The bundled corpus validates one domain per loader (_corpus_data): windows val/english, val/python.
+            val_domains=DOMAINS,
         ),
     )
     return callbacks
@@ -915,7 +918,9 @@ def _corpus_data(seq_len: int, batch_size: int, seed: int, samples: int, done: i
             if done and not isinstance(self.train_set, Subset):
                 self.train_set = Subset(self.train_set, range(min(done, len(self.train_set)), len(self.train_set)))
 
-    return ResumedCorpus(seq_len=seq_len, batch_size=batch_size, seed=seed, train_samples=samples)
+    return ResumedCorpus(
+        seq_len=seq_len, batch_size=batch_size, seed=seed, train_samples=samples, val_loader_per_domain=True
+    )
 
 
 def _end_process_group() -> None:

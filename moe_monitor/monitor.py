@@ -322,6 +322,28 @@ class RouterMonitor:
             total += buffer[:, self.layout.counts].to(total.device, non_blocking=True)
         return total
 
+    def move_window(self, source: str, into: Sequence[str]) -> None:
+        """Adds the open window of phase ``source`` to the open window of each phase of ``into``, then empties it.
+
+        Every counter of a window is a sum, so each phase of ``into`` then holds what it would have counted had the
+        forwards of ``source`` gone to it too: e.g. forwards counted per validation domain, moved at the end of
+        each validation both into that domain's window and into the whole validation window. Local, no collective,
+        no host sync.
+
+        Example:
+            >>> monitor = RouterMonitor(nn.Sequential(nn.Linear(4, 2)), routers=[RouterSpec(name="0", top_k=1)])
+            >>> with monitor.phase("scratch"):
+            ...     _ = monitor.layers[0].module(torch.randn(3, 4))
+            >>> _ = monitor.layers[0].module.eval()(torch.randn(2, 4))
+            >>> monitor.move_window("scratch", ["val", "val/a"])
+            >>> [monitor.collect(0, p).tokens.tolist() for p in ("val", "val/a", "scratch")]
+            [[5], [3], [0]]
+        """
+        for device, buffer in self._windows.get(source, {}).items():
+            for phase in into:
+                self._buffer(phase, device).add_(buffer)
+            buffer.zero_()
+
     def _home_device(self) -> torch.device:
         module = self.layers[0].module
         tensor = next(module.parameters(), None)

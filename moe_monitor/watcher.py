@@ -293,6 +293,9 @@ class Watcher:
         self._seen_step = 0  # the last optimizer step seen: `step(0)` before any step is no step
         self._window_steps = 0
         self._pending_eval: dict[str, int] = {}
+        # The phases `end_phase(now=False)` may defer; the same on every process (their pending steps are reduced
+        # in this order). Add more, e.g. per-domain "val/<domain>" windows, before the first evaluation.
+        self.deferrable_phases: tuple[str, ...] = DEFERRABLE_PHASES
         self._pending_controller_state: dict[str, Any] = {}
         self._warned: set[str] = set()
         self._closed = False
@@ -441,17 +444,17 @@ class Watcher:
         Args:
             phase: the evaluation phase (``"val"``, ``"test"``, ...).
             step: the step recorded with the window.
-            now: ``False`` lets a ``"val"`` / ``"test"`` window of a distributed run wait for the next training
-                window (or :meth:`flush` / :meth:`close`), where every process agrees in one small collective which
-                evaluation windows to close: a process that saw no evaluation batch (and never called this) then
-                still joins the reduction instead of leaving the others waiting. Without ``torch.distributed`` the
-                window closes at once either way.
+            now: ``False`` lets a window of ``deferrable_phases`` (``"val"``, ``"test"``) of a distributed run wait
+                for the next training window (or :meth:`flush` / :meth:`close`), where every process agrees in one
+                small collective which evaluation windows to close: a process that saw no evaluation batch (and
+                never called this) then still joins the reduction instead of leaving the others waiting. Without
+                ``torch.distributed`` the window closes at once either way.
 
         Returns:
             The closed window's snapshot, or ``None`` when it waits or could not be closed.
         """
         step = self._seen_step if step is None else int(step)
-        if not now and phase in DEFERRABLE_PHASES and _distributed():
+        if not now and phase in self.deferrable_phases and _distributed():
             self._pending_eval[phase] = step
             return None
         return self._eval_window(phase, step)
@@ -459,13 +462,14 @@ class Watcher:
     def _close_pending_eval(self) -> None:
         if not _distributed():
             return
-        steps = torch.tensor([float(self._pending_eval.get(p, -1)) for p in DEFERRABLE_PHASES], dtype=torch.float64)
+        phases = self.deferrable_phases
+        steps = torch.tensor([float(self._pending_eval.get(p, -1)) for p in phases], dtype=torch.float64)
         group = self.monitor.process_group
         if torch.distributed.get_backend(group) == "nccl":
             steps = steps.to(torch.device("cuda", torch.cuda.current_device()))
         torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX, group=group)
         self._pending_eval = {}
-        for phase, step in zip(DEFERRABLE_PHASES, steps.tolist()):
+        for phase, step in zip(phases, steps.tolist()):
             if step >= 0:
                 self._eval_window(phase, int(step))
 

@@ -21,7 +21,7 @@ import sysconfig
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 DOMAINS: tuple[str, ...] = ("english", "python")
 PYTHON_CAP_BYTES = 4 * 1024 * 1024
@@ -161,6 +161,8 @@ class CorpusDataModule(pl.LightningDataModule):
         val_per_domain: validation windows per domain.
         val_every: every ``val_every``-th block of each domain is held out for validation.
         num_workers: ``DataLoader`` workers; 0 is fastest for this in-memory data.
+        val_loader_per_domain: ``val_dataloader`` gives one loader per domain, in :data:`DOMAINS` order, so every
+            validation batch holds one domain (for ``MoEMonitor(val_domains=DOMAINS)``); else one loader of both.
 
     Example:
         >>> dm = CorpusDataModule(seq_len=16, batch_size=4, seed=0)
@@ -168,6 +170,10 @@ class CorpusDataModule(pl.LightningDataModule):
         >>> batch = next(iter(dm.train_dataloader()))
         >>> batch["input_ids"].shape, batch["labels"].dtype, sorted(batch)
         (torch.Size([4, 16]), torch.int64, ['domain', 'input_ids', 'labels'])
+        >>> split = CorpusDataModule(seq_len=16, batch_size=4, val_per_domain=4, val_loader_per_domain=True)
+        >>> split.setup()
+        >>> [next(iter(loader))["domain"].tolist() for loader in split.val_dataloader()]
+        [[0, 0, 0, 0], [1, 1, 1, 1]]
     """
 
     def __init__(
@@ -179,6 +185,7 @@ class CorpusDataModule(pl.LightningDataModule):
         val_per_domain: int = 32,
         val_every: int = 10,
         num_workers: int = 0,
+        val_loader_per_domain: bool = False,
     ) -> None:
         super().__init__()
         if seq_len < 1 or batch_size < 1:
@@ -187,7 +194,7 @@ class CorpusDataModule(pl.LightningDataModule):
             raise ValueError(f"val_every={val_every} must be at least 2 (1 would leave no training text).")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.train_samples, self.val_per_domain, self.val_every = train_samples, val_per_domain, val_every
-        self.num_workers = num_workers
+        self.num_workers, self.val_loader_per_domain = num_workers, val_loader_per_domain
         self.train_set: RandomWindows | None = None
         self.val_set: EvenWindows | None = None
 
@@ -200,7 +207,14 @@ class CorpusDataModule(pl.LightningDataModule):
         self.val_set = EvenWindows(val_texts, self.seq_len, self.val_per_domain)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return self._loader(self.train_set)
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if not self.val_loader_per_domain:
+            return self._loader(self.val_set)
+        # EvenWindows holds the domains one after the other, `val_per_domain` windows each.
+        per = self.val_per_domain
+        return [self._loader(Subset(self.val_set, range(d * per, (d + 1) * per))) for d in range(len(DOMAINS))]
+
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

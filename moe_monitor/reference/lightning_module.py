@@ -74,6 +74,8 @@ class ReferenceLM(pl.LightningModule):
         )
         self.config = config
         self.model = MoETransformer(config)
+        self._val_sums = torch.zeros(2)  # (token-weighted validation loss, tokens) of the running validation
+        self._val_batches = 0
 
     def forward(self, tokens: torch.Tensor) -> Any:
         return self.model(tokens)
@@ -95,10 +97,23 @@ class ReferenceLM(pl.LightningModule):
         self.log_dict({f"train/{name}": losses[name] for name in ("ce_loss", "aux_loss", "z_loss")})
         return losses["loss"]
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums, self._val_batches = torch.zeros(2, device=self.device), 0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         out = self.model(batch["input_ids"])
         ce_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten())
-        self.log("val/loss", ce_loss, prog_bar=True, sync_dist=True)
+        tokens = batch["labels"].numel()
+        # Summed here, logged once at epoch end: one `val/loss` over all validation loaders (one per domain with
+        # CorpusDataModule(val_loader_per_domain=True)), where self.log would key each loader apart.
+        self._val_sums += torch.stack([ce_loss.detach() * tokens, ce_loss.new_tensor(tokens)])
+        self._val_batches += 1
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_batches:  # e.g. a subclass' own validation_step, which logs what it wants
+            return
+        loss_sum, tokens = self._val_sums
+        self.log("val/loss", loss_sum / tokens.clamp(min=1), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay = [p for p in self.parameters() if p.dim() >= 2]

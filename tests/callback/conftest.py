@@ -72,6 +72,30 @@ class DestroyProcessGroup(pl.Callback):
             torch.distributed.destroy_process_group()
 
 
+def fit_two_ranks(tmp_path: Any, lm: pl.LightningModule, callback: pl.Callback, name: str) -> str:
+    """Fits ``lm`` 4 steps on 2 spawned CPU processes, validating every 2 steps on the loaders each rank's ``lm``
+    gives (no distributed sampler), trained on masked batches; returns the CSV logger's ``log_dir``."""
+    from datetime import timedelta
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.strategies import DDPStrategy
+
+    logger = CSVLogger(tmp_path, name=name, version=0)  # a fixed version: the parent process reads it back
+    trainer = make_trainer(
+        tmp_path,
+        [callback, DestroyProcessGroup()],
+        logger,
+        max_steps=4,
+        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+        devices=2,
+        limit_val_batches=None,
+        val_check_interval=2,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(lm, train_dataloaders=masked_loader(batches=8))
+    return logger.log_dir
+
+
 def masked_loader(batch_size: int = 2, batches: int = 4, pad: int = 3) -> DataLoader:
     """Dict batches with an ``attention_mask`` whose last ``pad`` positions of every sample are padding."""
     generator = torch.Generator().manual_seed(0)

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 from moe_monitor import CollapseDetector, MoEMonitor
@@ -22,6 +21,7 @@ from tests.callback.conftest import (
     SEQ_LEN,
     DestroyProcessGroup,
     LMWithTestStep,
+    fit_two_ranks,
     make_data,
     make_lm,
     make_trainer,
@@ -107,25 +107,13 @@ def test_a_rank_without_validation_batches_does_not_hang_the_others(tmp_path: Pa
     pl.seed_everything(0, verbose=False)
     lm = UnevenValidationLM(make_lm().config, warmup_steps=1)
     callback = MoEMonitor(log_every_n_steps=2, detector=None)
-    logger = CSVLogger(tmp_path, name="uneven", version=0)
-    trainer = make_trainer(
-        tmp_path,
-        [callback, DestroyProcessGroup()],
-        logger,
-        max_steps=4,
-        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
-        devices=2,
-        limit_val_batches=None,
-        val_check_interval=2,
-        use_distributed_sampler=False,
-    )
-    trainer.fit(lm, train_dataloaders=masked_loader(batches=8))
+    log_dir = fit_two_ranks(tmp_path, lm, callback, "uneven")
 
-    layers = pd.read_csv(Path(logger.log_dir) / "moe_monitor" / "layers.csv")
+    layers = pd.read_csv(Path(log_dir) / "moe_monitor" / "layers.csv")
     windows = sorted(set(zip(layers.step, layers.phase)))
     assert windows == [(2, "train"), (2, "val"), (4, "train"), (4, "val")]
     real_tokens = 2 * (SEQ_LEN - 3)  # per batch of 2 samples with 3 padded positions each
     assert (layers[layers.phase == "val"].tokens == 2 * real_tokens).all()  # rank 0's two batches, rank 1's none
     assert (layers[layers.phase == "train"].tokens == 2 * 2 * real_tokens).all()  # 2 steps x 2 processes
-    rows = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+    rows = pd.read_csv(Path(log_dir) / "metrics.csv")
     assert rows.dropna(subset=["moe/val/load_entropy/L00"]).step.tolist() == [2, 4]
