@@ -42,9 +42,19 @@ def _incidents(events: list[Any]) -> dict[str, list[int]]:
 
 
 def _seen(capfd: Any, caplog: Any) -> str:
-    """Everything printed: the terminal (both streams) and Lightning's ``rank_zero_info`` records."""
+    """Everything printed, once: the terminal (both streams) and Lightning's ``rank_zero_info`` records.
+
+    Whether a record also reaches the terminal depends on import order: Lightning gives its logger a handler of its
+    own (not propagating) only when the root logger has none yet, and DeepSpeed or Megatron, imported earlier in the
+    same test session, configure the root logger (whose handler prefixes each record): a record is taken from the
+    log capture and its copy on the terminal left out.
+    """
     out = capfd.readouterr()
-    return "\n".join([out.out, out.err, *(record.getMessage() for record in caplog.records)])
+    terminal = out.out + "\n" + out.err
+    records = [record.getMessage() for record in caplog.records]
+    for message in records:
+        terminal = terminal.replace(message, "", 1)
+    return "\n".join([terminal, *records])
 
 
 class _BarReader(pl.Callback):
