@@ -204,7 +204,6 @@ LACKING_DOCTEST: set[str] = {
     "moe_monitor.scenarios.RunResult",
     "moe_monitor.scenarios.run",
     "moe_monitor.sinks.wandb.WandbSink",
-    "moe_monitor.snapshot.Snapshot",
 }
 
 
