@@ -299,6 +299,7 @@ class Watcher:
         self._pending_controller_state: dict[str, Any] = {}
         self._warned: set[str] = set()
         self._closed = False
+        self._coactivation_LEE: torch.Tensor | None = None  # training windows' co-activation, summed
         self.monitor = RouterMonitor(model, routers=routers, process_group=process_group)
         if not self.is_global_zero:
             # Only the main process writes the history files; the others keep the recent windows, silently.
@@ -602,8 +603,9 @@ class Watcher:
         for sink in self.sinks:
             if sink is not self.console:
                 self._safely(f"finish the {sink.name} sink", sink.finish, layer_frame, event_frame)
+        coactivation = coactivation_frame(self.monitor, self._coactivation_LEE)
         for files in self._files:
-            self._safely("save the history", files.finish, self.monitor, event_frame)
+            self._safely("save the history", files.finish, self.monitor, event_frame, coactivation)
         if self.console is not None:
             if self.console.history_dir is None and self._files:
                 self.console.history_dir = Path(self._files[0].path)
@@ -637,6 +639,10 @@ class Watcher:
         return f"controller/{self.name}/{key[len('controller/') :]}"
 
     def _publish(self, snapshot: Snapshot, metrics: dict[str, float], events: Sequence[CollapseEvent]) -> None:
+        coactivation_LEE = snapshot.extras.get("coactivation")
+        if snapshot.phase == "train" and coactivation_LEE is not None:
+            total = self._coactivation_LEE
+            self._coactivation_LEE = coactivation_LEE.clone() if total is None else total + coactivation_LEE
         published = self._published(snapshot)
         for sink in self.sinks:
             self._safely(f"write to the {sink.name} sink", sink.log_window, published, metrics, events)
@@ -694,13 +700,45 @@ class _HistoryFiles:
         if new:
             _event_frame(new).to_csv(self._events, mode="a", header=False, index=False)
 
-    def finish(self, monitor: RouterMonitor, event_frame: pd.DataFrame) -> None:
+    def finish(self, monitor: RouterMonitor, event_frame: pd.DataFrame, coactivation: pd.DataFrame | None) -> None:
         monitor.save(self.path)  # the history's own directory: flushed; any other: a full copy
         event_frame.to_csv(self._events, index=False)
+        if coactivation is not None:
+            coactivation.to_csv(os.path.join(self.path, "coactivation.csv"), index=False)
 
     @property
     def _events(self) -> str:
         return os.path.join(self.path, "events.csv")
+
+
+def coactivation_frame(monitor: RouterMonitor, coactivation_LEE: torch.Tensor | None) -> pd.DataFrame | None:
+    """``coactivation.csv``: tokens that chose both experts, summed over the training windows this watcher closed.
+
+    One row per (layer, expert_a, expert_b) of the layers that count co-activation (top-k >= 2); the diagonal is
+    each expert's count. ``None`` when no window had co-activation counts. A resumed run sums from the resume on
+    (the sums are not part of the checkpoint, which stays small).
+
+    Example:
+        >>> from torch import nn
+        >>> from moe_monitor.families import RouterSpec
+        >>> monitor = RouterMonitor(nn.Sequential(nn.Linear(4, 3)), routers=[RouterSpec(name="0", top_k=2)])
+        >>> frame = coactivation_frame(monitor, torch.tensor([[[2.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]]))
+        >>> pairs = frame[(frame.expert_a != frame.expert_b) & (frame["count"] > 0)]
+        >>> pairs[["expert_a", "expert_b", "count"]].values.tolist()
+        [[0, 1, 1], [1, 0, 1]]
+    """
+    if coactivation_LEE is None:
+        return None
+    rows = []
+    for index, layer in enumerate(monitor.layers):
+        block_EE = coactivation_LEE[index, : layer.num_experts, : layer.num_experts]
+        if torch.isnan(block_EE).all():
+            continue  # a top-1 layer: no co-activation
+        for a, row in enumerate(block_EE.round().long().tolist()):
+            rows += [(layer.name, index, a, b, count) for b, count in enumerate(row)]
+    if not rows:
+        return None
+    return pd.DataFrame(rows, columns=["layer", "layer_index", "expert_a", "expert_b", "count"])
 
 
 def _event_frame(events: Sequence[CollapseEvent]) -> pd.DataFrame:
