@@ -281,7 +281,9 @@ def test_guide_snippets_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
-    for line, code in snippets(page):
+    blocks = snippets(page)
+    assert blocks, f"{page.relative_to(ROOT)} is listed for its snippets but has none to run"
+    for line, code in blocks:
         try:
             exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
         except Exception as err:

@@ -72,7 +72,7 @@ def expected_layers(snaps: list[Snapshot]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def check(frame: pd.DataFrame, expected: pd.DataFrame) -> None:
+def assert_frames_match(frame: pd.DataFrame, expected: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(
         frame.reset_index(drop=True), expected[list(frame.columns)].reset_index(drop=True), check_dtype=False
     )
@@ -92,17 +92,17 @@ def test_files_hold_every_window_while_memory_keeps_the_last_few(tmp_path, forma
     for s in snaps:
         h.append(s)
     assert len(h) == 11 and len(h._recent) == 4
-    check(h.expert_frame(), expected_experts(snaps))
-    check(h.layer_frame(), expected_layers(snaps))
+    assert_frames_match(h.expert_frame(), expected_experts(snaps))
+    assert_frames_match(h.layer_frame(), expected_layers(snaps))
     # The files read back by the readers a person would use: pandas' CSV reader, pyarrow's data set reader.
-    check(pd.read_csv(tmp_path / "run" / "layers.csv"), expected_layers(snaps))  # written at every window
+    assert_frames_match(pd.read_csv(tmp_path / "run" / "layers.csv"), expected_layers(snaps))  # written at every window
     h.close()
     if formats == "parquet":
-        check(pd.read_parquet(tmp_path / "run" / "experts.parquet"), expected_experts(snaps))
-        check(pd.read_parquet(tmp_path / "run" / "layers.parquet"), expected_layers(snaps))
+        assert_frames_match(pd.read_parquet(tmp_path / "run" / "experts.parquet"), expected_experts(snaps))
+        assert_frames_match(pd.read_parquet(tmp_path / "run" / "layers.parquet"), expected_layers(snaps))
         assert not (tmp_path / "run" / "experts.csv").exists()
     else:
-        check(pd.read_csv(tmp_path / "run" / "experts.csv"), expected_experts(snaps))
+        assert_frames_match(pd.read_csv(tmp_path / "run" / "experts.csv"), expected_experts(snaps))
 
 
 def test_without_files_memory_keeps_the_last_windows_and_warns_once(recwarn):
@@ -112,8 +112,8 @@ def test_without_files_memory_keeps_the_last_windows_and_warns_once(recwarn):
         h.append(s)
     evicted = [w for w in recwarn.list if "in-memory history keeps the last 3 windows" in str(w.message)]
     assert len(evicted) == 1 and "history_dir=DIR" in str(evicted[0].message)
-    check(h.expert_frame(), expected_experts(snaps[-3:]))
-    check(h.layer_frame(), expected_layers(snaps[-3:]))
+    assert_frames_match(h.expert_frame(), expected_experts(snaps[-3:]))
+    assert_frames_match(h.layer_frame(), expected_layers(snaps[-3:]))
 
 
 def test_default_keep_fits_the_memory_budget():
@@ -159,11 +159,11 @@ def test_resume_from_a_pointer_drops_the_replayed_windows(tmp_path, formats):
         resumed.append(snap(step))
     resumed.close()
     expected = [snap(step) for step in range(1, 10)]
-    check(resumed.expert_frame(), expected_experts(expected))
-    check(resumed.layer_frame(), expected_layers(expected))
-    check(pd.read_csv(run / "layers.csv"), expected_layers(expected))
+    assert_frames_match(resumed.expert_frame(), expected_experts(expected))
+    assert_frames_match(resumed.layer_frame(), expected_layers(expected))
+    assert_frames_match(pd.read_csv(run / "layers.csv"), expected_layers(expected))
     if formats == "parquet":
-        check(pd.read_parquet(run / "experts.parquet"), expected_experts(expected))
+        assert_frames_match(pd.read_parquet(run / "experts.parquet"), expected_experts(expected))
 
 
 def test_resume_into_a_new_directory_copies_the_checkpoints_windows(tmp_path):
@@ -180,9 +180,9 @@ def test_resume_into_a_new_directory_copies_the_checkpoints_windows(tmp_path):
     resumed.load_state_dict(state)
     resumed.append(snap(5))
     expected = [snap(step) for step in range(1, 6)]
-    check(resumed.expert_frame(), expected_experts(expected))
-    check(pd.read_csv(tmp_path / "v1" / "layers.csv"), expected_layers(expected))
-    check(pd.read_csv(tmp_path / "v0" / "layers.csv"), expected_layers(expected[:4] + [snap(5, seed=99)]))
+    assert_frames_match(resumed.expert_frame(), expected_experts(expected))
+    assert_frames_match(pd.read_csv(tmp_path / "v1" / "layers.csv"), expected_layers(expected))
+    assert_frames_match(pd.read_csv(tmp_path / "v0" / "layers.csv"), expected_layers(expected[:4] + [snap(5, seed=99)]))
 
 
 def test_resume_step_continues_files_without_a_checkpoint(tmp_path, formats):
@@ -198,8 +198,8 @@ def test_resume_step_continues_files_without_a_checkpoint(tmp_path, formats):
     assert len(resumed) == 2
     resumed.append(snap(30, seed=7))
     expected = [snap(10), snap(20), snap(30, seed=7)]
-    check(resumed.expert_frame(), expected_experts(expected))
-    check(resumed.layer_frame(), expected_layers(expected))
+    assert_frames_match(resumed.expert_frame(), expected_experts(expected))
+    assert_frames_match(resumed.layer_frame(), expected_layers(expected))
 
 
 def test_state_without_files_is_bounded_and_restores_the_kept_windows():
@@ -212,7 +212,7 @@ def test_state_without_files_is_bounded_and_restores_the_kept_windows():
     assert state["recent"]["counts"].shape == (3, 3, 4) and state["windows"] == 9
     restored = make(keep=3)
     restored.load_state_dict(state)
-    check(restored.expert_frame(), expected_experts([snap(s) for s in (7, 8, 9)]))
+    assert_frames_match(restored.expert_frame(), expected_experts([snap(s) for s in (7, 8, 9)]))
     with pytest.raises(ValueError, match="before the first window"):
         restored.load_state_dict(state)
 
@@ -230,8 +230,9 @@ def test_version_1_state_is_upgraded():
     }
     h = make()
     h.load_state_dict({"version": 1, "layer_names": NAMES, "history": [record]})
-    check(h.layer_frame(), expected_layers([s]).assign(skipped=float("nan")))  # not counted by version 1 either
-    check(h.expert_frame(), expected_experts([s]))
+    # skipped was not counted by version 1 either: NaN after the upgrade.
+    assert_frames_match(h.layer_frame(), expected_layers([s]).assign(skipped=float("nan")))
+    assert_frames_match(h.expert_frame(), expected_experts([s]))
 
 
 def test_a_failing_disk_warns_once_and_keeps_the_history_in_memory(tmp_path, monkeypatch):
@@ -246,7 +247,7 @@ def test_a_failing_disk_warns_once_and_keeps_the_history_in_memory(tmp_path, mon
         for step in range(1, 4):
             h.append(snap(step))
     assert sum("No space left" in str(w.message) for w in caught) == 1
-    check(h.expert_frame(), expected_experts([snap(step) for step in range(1, 4)]))
+    assert_frames_match(h.expert_frame(), expected_experts([snap(step) for step in range(1, 4)]))
 
 
 def test_router_monitor_writes_the_history_dir_and_resumes(tmp_path):
@@ -285,4 +286,4 @@ def test_a_failing_part_write_in_the_writer_thread_warns_and_keeps_the_tail(tmp_
         for step in range(1, 6):
             h.append(snap(step))
         h.close()
-    check(h.expert_frame(), expected_experts([snap(step) for step in range(2, 6)]))
+    assert_frames_match(h.expert_frame(), expected_experts([snap(step) for step in range(2, 6)]))
