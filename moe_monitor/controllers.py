@@ -24,6 +24,11 @@ that knob alone from then on; its metrics stop reporting the knob's value and co
 
 Every decision comes from the window snapshot (already reduced across processes) or, for the per-step expert
 bias, from counts all-reduced on the device, so every process applies the same change.
+
+Pipeline parallelism: a controller turns only the knobs of the routers on its own process (``monitor.layers``),
+deciding from the snapshot of every layer. A layer another stage holds is not a knob this process lost: it warns
+nothing and emits no ``knob_lost``. ``active_knobs``, the knob metrics and the control events are this process's
+(rank zero's stage, on the dashboards); each stage turns its own knobs by the same rule.
 """
 
 from __future__ import annotations
@@ -83,8 +88,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _layers(monitor: Any) -> list[Any]:
+    """The monitor's routers on this process: none on a pipeline stage without MoE layers, whose monitor still
+    has the other stages' layers in its layout."""
     layers = list(getattr(monitor, "layers", []))
-    if not layers:
+    if not layers and not getattr(monitor, "layer_names", None):
         raise ValueError("the monitor has no router layers; build the controller's monitor with RouterMonitor(model).")
     return layers
 
@@ -771,10 +778,15 @@ class ExpertBiasController(Controller):
         return [(i, knob.refs[0].get(self._model)) for i, knob in enumerate(self.knobs) if self._verify(knob, step)]
 
     def on_train_step(self, monitor: Any, step: int) -> None:
-        """Applies one step's update to every layer's bias (device ops only, no host sync)."""
+        """Applies one step's update to every layer's bias (device ops only, no host sync).
+
+        Across processes the step's counts are all-reduced even where no bias is left to update (a pipeline stage
+        without routers, knobs lost on this process only): the collective must not depend on what one process holds.
+        """
         self._step = step
         biases = self._biases()
-        if not biases:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not biases and not distributed:
             return
         counts_LE = monitor.window_counts("train")
         prev_LE = self._prev_counts_LE
@@ -786,11 +798,14 @@ class ExpertBiasController(Controller):
             step_counts_LE = torch.where(restarted_L1, counts_LE, counts_LE - prev_LE)
         # A fresh tensor: the live window view must stay untouched (and the collective needs a contiguous one).
         self._prev_counts_LE = counts_LE.clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed:
             torch.distributed.all_reduce(step_counts_LE, group=monitor.process_group)
+        rows = getattr(monitor, "rows", None)
         with torch.no_grad():
             for i, bias_E in biases:
-                count_E = step_counts_LE[i, : self.knobs[i].size].to(bias_E.device, torch.float32)
+                # The knobs follow monitor.layers; their counts sit in the layer's snapshot row.
+                row = i if rows is None else rows[i]
+                count_E = step_counts_LE[row, : self.knobs[i].size].to(bias_E.device, torch.float32)
                 bias_E.add_(torch.sign(count_E.mean() - count_E).to(bias_E.dtype), alpha=self.rate)
                 bias_E.sub_(bias_E.mean())
         self.updates += 1

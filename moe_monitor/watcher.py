@@ -550,7 +550,7 @@ class Watcher:
             self.detector.load_state_dict(state["detector"])
         self.events = [CollapseEvent(**{**e, "experts": tuple(e["experts"])}) for e in state.get("events", [])]
         # The incidents still open at the checkpoint stay open: the progress bar and the console know them.
-        names = [layer.name for layer in self.monitor.layers]
+        names = self.monitor.layer_names
         self.tracker = IncidentTracker()
         self._safely("track incidents", self.tracker.update, self.events, names)
         if self.console is not None:
@@ -730,12 +730,13 @@ def coactivation_frame(monitor: RouterMonitor, coactivation_LEE: torch.Tensor | 
     if coactivation_LEE is None:
         return None
     rows = []
-    for index, layer in enumerate(monitor.layers):
-        block_EE = coactivation_LEE[index, : layer.num_experts, : layer.num_experts]
+    # Every layer of the snapshots (on a pipeline stage, the other stages' too), not only this process's routers.
+    for index, (name, experts) in enumerate(zip(monitor.layer_names, monitor.history.num_experts)):
+        block_EE = coactivation_LEE[index, :experts, :experts]
         if torch.isnan(block_EE).all():
             continue  # a top-1 layer: no co-activation
         for a, row in enumerate(block_EE.round().long().tolist()):
-            rows += [(layer.name, index, a, b, count) for b, count in enumerate(row)]
+            rows += [(name, index, a, b, count) for b, count in enumerate(row)]
     if not rows:
         return None
     return pd.DataFrame(rows, columns=["layer", "layer_index", "expert_a", "expert_b", "count"])
