@@ -114,7 +114,7 @@ def _stage_worker(rank: int, world: int, port: int, stages: tuple, history_dir: 
             watcher = Watcher(
                 module,
                 log_every=STEPS,
-                detector=None,
+                detector="default",
                 controllers=[ExpertBiasController(rate=RATE)],
                 sinks=[history_dir] if rank == 0 else [],
                 console=False,
@@ -124,6 +124,7 @@ def _stage_worker(rank: int, world: int, port: int, stages: tuple, history_dir: 
                 watcher.step(step)
             frame = watcher.layer_frame()
             experts = watcher.expert_frame()
+            alerts = [e for e in watcher.event_frame().to_dict("records") if e["kind"] != "control"]
             watcher.close()
         biases = {f"blocks.{i}.moe.router": module.blocks[str(i)].moe.router.expert_bias.tolist() for i in ids}
         results[rank] = {
@@ -131,6 +132,7 @@ def _stage_worker(rank: int, world: int, port: int, stages: tuple, history_dir: 
             "layers": frame.to_dict("list"),
             "experts": experts[["layer", "expert", "count"]].values.tolist(),
             "plain": plain,
+            "alerts": repr(alerts),
             "biases": biases,
             "warnings": [str(w.message) for w in caught if "moe_monitor" in str(w.message)],
         }
@@ -185,6 +187,7 @@ def _check(results: dict, stages: tuple, tmp_path) -> None:
     for rank, result in results.items():
         assert result["local"] == [f"blocks.{i}.moe.router" for i in stages[rank % n]]
         assert result["layers"] == first["layers"] and result["experts"] == first["experts"]  # identical snapshots
+        assert result["alerts"] == first["alerts"]  # and identical detector decisions
         got = {name: [0] * TINY["n_experts"] for name in names}
         for name, expert, count in result["experts"]:
             got[name][expert] = count
