@@ -179,13 +179,13 @@ class RouterMonitor:
         self._advice = [_advice(layer) for layer in self.layers]
         self._handles = [layer.module.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(self.layers)]
 
-    # ----------------------------------------------------------------------------------------------- hot path
     @property
     def layer_names(self) -> list[str]:
         """Every layer of the snapshots, in the agreed order (this process's :attr:`layers` and, across a process
         group, the other processes' too)."""
         return self.history.layer_names
 
+    # ----------------------------------------------------------------------------------------------- hot path
     def _make_hook(self, index: int):
         layer = self.layers[index]
         row = self.rows[index]
