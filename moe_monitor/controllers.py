@@ -27,8 +27,9 @@ bias, from counts all-reduced on the device, so every process applies the same c
 
 Pipeline parallelism: a controller turns only the knobs of the routers on its own process (``monitor.layers``),
 deciding from the snapshot of every layer. A layer another stage holds is not a knob this process lost: it warns
-nothing and emits no ``knob_lost``. ``active_knobs``, the knob metrics and the control events are this process's
-(rank zero's stage, on the dashboards); each stage turns its own knobs by the same rule.
+nothing and emits no ``knob_lost``. A controller's own :meth:`~Controller.metrics` (``active_knobs`` included) and
+control events are its process's; :func:`share_across_stages` (the ``Watcher`` calls it at every window) gathers
+them from every stage, so the dashboards and every process's event history cover every stage's knobs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -872,6 +873,66 @@ class ExpertBiasController(Controller):
                 saved = state.get("bias", {}).get(self.knobs[i].label)
                 if saved is not None:
                     bias_E.copy_(torch.as_tensor(saved).to(bias_E.device, bias_E.dtype))
+
+
+def merge_metrics(per_process: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One controller's :meth:`~Controller.metrics` of every process, merged: ``active_knobs`` summed (each process
+    counts its own knobs), every other key the largest value (a per-layer key comes from the one process that holds
+    the layer; ``max_*`` keys are maxima; ``updates`` is the same everywhere).
+
+    Example:
+        >>> stage0 = {"controller/bias/active_knobs": 0.0, "controller/bias/updates": 3.0}  # no routers here
+        >>> stage1 = {"controller/bias/active_knobs": 2.0, "controller/bias/updates": 3.0, "controller/bias/b/max": 0.1}
+        >>> merge_metrics([stage0, stage1])
+        {'controller/bias/active_knobs': 2.0, 'controller/bias/updates': 3.0, 'controller/bias/b/max': 0.1}
+    """
+    merged: dict[str, float] = {}
+    for metrics in per_process:
+        for key, value in metrics.items():
+            if key not in merged:
+                merged[key] = value
+            elif key.endswith("/active_knobs"):
+                merged[key] += value
+            else:
+                merged[key] = max(merged[key], value)
+    return merged
+
+
+def share_across_stages(
+    controllers: Sequence[Controller],
+    monitor: Any,
+    events: Sequence[CollapseEvent],
+    read_metrics: Callable[[Controller], dict[str, float]],
+) -> tuple[list[CollapseEvent], list[dict[str, float]] | None]:
+    """Every pipeline stage's control events and controller metrics of one window, on every process.
+
+    A collective over ``monitor.process_group`` (one ``all_gather_object``) when ``monitor.pipelined``: every
+    process must call it at the same window; otherwise it returns ``(events, None)`` at once.
+
+    Args:
+        controllers: the controllers, the same kinds in the same order on every process.
+        monitor: their :class:`~moe_monitor.monitor.RouterMonitor`.
+        events: this window's events on this process (the detector's, then the controllers').
+        read_metrics: reads one controller's metrics (``{}`` when that fails).
+
+    Returns:
+        The events with every process's control events in process order (the detector's are the same everywhere),
+        and per controller its metrics merged by :func:`merge_metrics` (``None`` when not pipelined).
+
+    Example:
+        >>> from moe_monitor.monitor import RouterMonitor
+        >>> from moe_monitor.reference import MoEConfig, MoETransformer
+        >>> model = MoETransformer(MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, d_expert=8))
+        >>> share_across_stages([], RouterMonitor(model), [], lambda c: c.metrics())  # one process: nothing to share
+        ([], None)
+    """
+    if not getattr(monitor, "pipelined", False):
+        return list(events), None
+    local = ([e for e in events if e.kind == "control"], [read_metrics(c) for c in controllers])
+    gathered: list[Any] = [None] * torch.distributed.get_world_size(monitor.process_group)
+    torch.distributed.all_gather_object(gathered, local, group=monitor.process_group)
+    shared = [e for e in events if e.kind != "control"] + [e for control, _ in gathered for e in control]
+    return shared, [merge_metrics([metrics[i] for _, metrics in gathered]) for i in range(len(controllers))]
 
 
 CONTROLLERS: dict[str, type[Controller]] = {

@@ -116,6 +116,8 @@ class RouterMonitor:
     Attributes:
         layers: the routers monitored on this process, in model order (empty on a pipeline stage without one).
         rows: the snapshot row of each entry of ``layers`` (its position in :attr:`layer_names`).
+        pipelined: whether some process of the group holds other layers than the whole layout (pipeline stages);
+            the same on every process. ``False`` on one process and for data-parallel replicas of one model.
         history: the :class:`~moe_monitor.history.History` of closed windows.
         process_group: the group given (``None``: the default group); controllers reduce over it too.
 
@@ -156,7 +158,7 @@ class RouterMonitor:
         if not (isinstance(coactivation, bool) or coactivation == "auto"):
             raise ValueError(f"coactivation={coactivation!r} is not valid; choose True, False or 'auto'")
         self.process_group = process_group
-        self.layers, (names, num_experts, top_k) = _discover_agreed(model, routers, process_group)
+        self.layers, (names, num_experts, top_k), self.pipelined = _discover_agreed(model, routers, process_group)
         row_of = {name: row for row, name in enumerate(names)}
         self.rows: list[int] = [row_of[layer.name] for layer in self.layers]
         auto = coactivation == "auto"
@@ -593,11 +595,12 @@ def _group_size(process_group: Any) -> int:
 
 def _discover_agreed(
     model: nn.Module, routers: Sequence[str | nn.Module | RouterSpec] | None, process_group: Any
-) -> tuple[list[RouterLayer], tuple[list[str], list[int], list[int]]]:
-    """This process's routers and the layout every process of the group agrees on (one ``all_gather_object``)."""
+) -> tuple[list[RouterLayer], tuple[list[str], list[int], list[int]], bool]:
+    """This process's routers, the layout every process of the group agrees on (one ``all_gather_object``), and
+    whether some process holds other layers than the whole layout."""
     if _group_size(process_group) <= 1:
         local = discover(model, routers)
-        return local, agree_layers([_records(local)])
+        return local, agree_layers([_records(local)]), False
     dist = torch.distributed
     failure: Exception | None = None
     try:
@@ -624,7 +627,7 @@ def _discover_agreed(
         # No process of the group has a router: every one raises its own (the same kind of) error.
         assert failure is not None
         raise failure
-    return local, layout
+    return local, layout, any([name for name, _, _ in records] != layout[0] for records, _ in gathered)
 
 
 def _records(layers: Sequence[RouterLayer]) -> list[LayerRecord]:

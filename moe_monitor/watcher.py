@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from moe_monitor.controllers import share_across_stages
 from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent
 from moe_monitor.incidents import IncidentTracker, progress_status
 from moe_monitor.monitor import RouterMonitor
@@ -373,10 +374,14 @@ class Watcher:
         if self.detector is not None and not short:
             events += self._safely("run the collapse detector", self.detector.update, snapshot) or []
         detected = list(events)
+        shared = None
         if self._controllers_ready:
             for controller in self.controllers:
                 name = controller_name(controller)
                 events += self._safely(f"run {name}.on_window", controller.on_window, snapshot, detected) or []
+            # Pipeline stages turn different knobs: every process gets every stage's control events and metrics.
+            share = share_across_stages, self.controllers, self.monitor, events, self._read_metrics
+            events, shared = self._safely("share the controllers' window across stages", *share) or (events, None)
         self.events.extend(events)
         self._track(snapshot, events)
         critical = [e for e in events if e.kind == "alert" and e.severity == "critical"]
@@ -387,8 +392,8 @@ class Watcher:
         if self.is_global_zero:
             metrics = self._safely("compute scalars", scalar_metrics, self._published(snapshot), self.log_expert_loads)
             metrics = metrics or {}
-            for controller in self.controllers:
-                read = self._safely(f"read {controller_name(controller)}.metrics", controller.metrics) or {}
+            for index, controller in enumerate(self.controllers):
+                read = self._read_metrics(controller) if shared is None else shared[index]
                 metrics.update({self._controller_key(key): value for key, value in read.items()})
             # Controllers name per-layer knobs by module path; every dashboard tags layers `L00`, `L01`, ...
             metrics = relabel_controller_metrics(metrics, snapshot.layer_names)
@@ -398,6 +403,9 @@ class Watcher:
                     if event.kind == "alert":
                         self._safely("call on_alert", self.on_alert, event)
         return events
+
+    def _read_metrics(self, controller: Any) -> dict[str, float]:
+        return self._safely(f"read {controller_name(controller)}.metrics", controller.metrics) or {}
 
     def _track(self, snapshot: Snapshot, events: Sequence[CollapseEvent]) -> None:
         self._latest[snapshot.phase] = snapshot

@@ -112,14 +112,20 @@ def _stage_worker(rank: int, world: int, port: int, stages: tuple, history_dir: 
             warnings.simplefilter("always")
             if history_dir:
                 from moe_monitor import Watcher
+                from moe_monitor.sinks.base import Sink
 
-                # The whole Watcher: detector, controller, files from rank zero.
+                class Metrics(Sink):
+                    def log_window(self, snapshot, metrics, events):
+                        logged.append({k: v for k, v in metrics.items() if k.startswith("controller/")})
+
+                # The whole Watcher: detector, controller, files and dashboards from rank zero.
+                logged: list[dict[str, float]] = []
                 watcher = Watcher(
                     module,
                     log_every=STEPS,
                     detector="default",
                     controllers=[ExpertBiasController(rate=RATE)],
-                    sinks=[history_dir] if rank == 0 else [],
+                    sinks=[history_dir, Metrics()] if rank == 0 else [],
                     console=False,
                 )
                 monitor, after_step = watcher.monitor, watcher.step
@@ -132,9 +138,9 @@ def _stage_worker(rank: int, world: int, port: int, stages: tuple, history_dir: 
                 after_step(step)
             if watcher is None:
                 monitor.collect(STEPS)  # the Watcher closes its window at step STEPS by itself
-                alerts = []
+                events, logged = [], []
             else:
-                alerts = [e for e in watcher.event_frame().to_dict("records") if e["kind"] != "control"]
+                events = watcher.event_frame()[["kind", "rule", "layer", "value"]].values.tolist()
             frame, experts = monitor.layer_frame(), monitor.expert_frame()
             if watcher is not None:
                 watcher.close()
@@ -144,7 +150,9 @@ def _stage_worker(rank: int, world: int, port: int, stages: tuple, history_dir: 
             "layers": frame.to_dict("list"),
             "experts": experts[["layer", "expert", "count"]].values.tolist(),
             "plain": plain,
-            "alerts": repr(alerts),
+            "events": repr(events),  # repr: NaN values compare equal
+            "control": [(rule, layer) for kind, rule, layer, _ in events if kind == "control"],
+            "logged": logged,
             "biases": biases,
             "warnings": [str(w.message) for w in caught if "moe_monitor" in str(w.message)],
         }
@@ -200,7 +208,7 @@ def _check(results: dict, stages: tuple, tmp_path=None) -> None:
     for rank, result in results.items():
         assert result["local"] == [f"blocks.{i}.moe.router" for i in stages[rank % n]]
         assert result["layers"] == first["layers"] and result["experts"] == first["experts"]  # identical snapshots
-        assert result["alerts"] == first["alerts"]  # and identical detector decisions
+        assert result["events"] == first["events"]  # identical decisions: alerts, and every stage's control events
         got = {name: [0] * TINY["n_experts"] for name in names}
         for name, expert, count in result["experts"]:
             got[name][expert] = count
@@ -213,6 +221,13 @@ def _check(results: dict, stages: tuple, tmp_path=None) -> None:
         assert result["warnings"] == []  # a layer another stage holds is no lost knob
     if tmp_path is None:
         return
+    # Every stage's bias knobs reach rank zero's dashboards and every process's events, whichever stage logs.
+    assert first["control"] == [("expert_bias", name) for name in names]
+    (logged,) = results[0]["logged"]
+    assert logged["controller/bias/active_knobs"] == len(names)
+    for label, name in zip(["L00", "L01", "L02", "L03"], names):
+        bias = next(r["biases"][name] for r in results.values() if name in r["biases"])
+        assert logged[f"controller/bias/{label}/range"] == pytest.approx(max(bias) - min(bias), abs=1e-6)
     # Rank zero writes the history of every layer, whichever layers it holds itself.
     written = pd.read_csv(tmp_path / "history" / "layers.csv")
     assert written["layer"].tolist() == names
