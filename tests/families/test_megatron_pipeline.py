@@ -61,6 +61,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
             "names": [layer.name for layer in monitor.layers],
             "paths": [layer.path for layer in monitor.layers],
             "layout": monitor.layer_names,
+            "pipelined": monitor.pipelined,
             "knob": (knob.label, knob.get(model)),
             "controller": [(k.label, k.layers) for k in controller.knobs],
         }
@@ -81,7 +82,7 @@ def test_each_stage_names_its_routers_by_the_global_layer_number():
         assert got["modules"] == local  # Megatron numbers each stage's layers from 0 ...
         assert got["numbers"] == [2 * rank + 1, 2 * rank + 2]  # ... and gives them their global layer_number
         assert got["names"] == every[2 * rank : 2 * rank + 2] and got["paths"] == local
-        assert got["layout"] == every  # both stages' layers, none summed into another
+        assert got["layout"] == every and got["pipelined"]  # both stages' layers, none summed into another
         # Knobs are found where the router is on this stage; the controller serves the layers by their names.
         assert got["knob"] == ("decoder.layers.0.mlp.router.config.moe_aux_loss_coeff", 0.01)
         assert got["controller"] == [("all", tuple(every[2 * rank : 2 * rank + 2]))]

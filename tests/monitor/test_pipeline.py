@@ -147,6 +147,7 @@ def _stage_worker(rank: int, world: int, port: int, stages: tuple, history_dir: 
         biases = {f"blocks.{i}.moe.router": module.blocks[str(i)].moe.router.expert_bias.tolist() for i in ids}
         results[rank] = {
             "local": [layer.name for layer in monitor.layers],
+            "pipelined": monitor.pipelined,
             "layers": frame.to_dict("list"),
             "experts": experts[["layer", "expert", "count"]].values.tolist(),
             "plain": plain,
@@ -206,7 +207,7 @@ def _check(results: dict, stages: tuple, tmp_path=None) -> None:
     first = results[0]
     assert first["layers"]["layer"] == names  # every layer on every process, in stage order
     for rank, result in results.items():
-        assert result["local"] == [f"blocks.{i}.moe.router" for i in stages[rank % n]]
+        assert result["local"] == [f"blocks.{i}.moe.router" for i in stages[rank % n]] and result["pipelined"]
         assert result["layers"] == first["layers"] and result["experts"] == first["experts"]  # identical snapshots
         assert result["events"] == first["events"]  # identical decisions: alerts, and every stage's control events
         got = {name: [0] * TINY["n_experts"] for name in names}
