@@ -148,3 +148,48 @@ def test_aux_controller_coefficient_reaches_the_moved_router(tmp_path, accelerat
         assert router.gate.weight.device.type == device.type
         # Uniform probabilities (1/E) and every token's 2 choices counted: E * sum_e (count_e / T) / E = top_k.
         assert out.aux_loss.item() == pytest.approx(coef * 2, rel=1e-6)
+
+
+def test_bias_controller_follows_its_knob_through_fsdp_wrapping_on_the_cpu():
+    """The CPU side of the ``cuda-fsdp`` case: Lightning's ``FSDPStrategy`` wraps the module with torch's
+    ``FullyShardedDataParallel`` (FSDP1) after the callback's setup; that wrapping runs on the CPU with gloo."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from moe_monitor import RouterMonitor
+    from moe_monitor.reference import MoEConfig, MoETransformer
+    from moe_monitor.reference.model import Block
+    from tests.ports import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        root = torch.nn.Module()
+        config = MoEConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16, n_experts=4, d_expert=16, expert_bias=True)
+        root.model = MoETransformer(config)
+        routers = [block.moe.router for block in root.model.blocks]
+        log = StepLog(routers)
+        monitor = RouterMonitor(root)
+        controller = ExpertBiasController(rate=RATE)
+        controller.setup(root, monitor)  # before the wrapping, as Lightning orders it
+        root.model = FullyShardedDataParallel(
+            root.model, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu")
+        )
+        assert type(root.model.blocks[0]).__name__ == "FullyShardedDataParallel"  # the knob's path crosses it
+        generator = torch.Generator().manual_seed(1)
+        for step in range(1, STEPS + 1):
+            out = root.model(torch.randint(0, config.vocab_size, (2, 16), generator=generator))
+            (out.logits.float().square().mean() + out.aux_loss).backward()
+            log.end_step()
+            controller.on_train_step(monitor, step)
+        snapshot = monitor.collect(STEPS)
+        assert snapshot.counts.tolist() == [c.tolist() for c in log.counts]
+        for i, router in enumerate(routers):
+            want = expected_bias([step[i] for step in log.steps], RATE)
+            assert max(map(abs, want)) > 0.02
+            assert root.get_submodule(f"model.blocks.{i}.moe.router") is router
+            assert router.expert_bias.tolist() == pytest.approx(want, abs=1e-6)
+        assert controller.metrics()["controller/bias/active_knobs"] == 2.0
+    finally:
+        dist.destroy_process_group()
