@@ -1,12 +1,16 @@
 """The device machine's scripts, run here: ``benchmarks/device/run.sh`` end to end on the CPU (``--device cpu
---quick`` through ``MOE_GPU_ARGS``), with a fake ``$OUT``, and the wheel list of ``benchmarks/device/wheels.sh``
-against the versions ``pyproject.toml`` pins (the script itself downloads from PyPI and is not run in tests)."""
+--quick`` through ``MOE_GPU_ARGS``), with a fake ``$OUT`` and only the packages of the device image importable
+(``benchmarks/device/image_sim``), the CUDA test files collected under that image, and the wheel list of
+``benchmarks/device/wheels.sh`` against the versions ``pyproject.toml`` pins (the script itself downloads from PyPI
+and is not run in tests)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,7 +19,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_SH = ROOT / "benchmarks" / "device" / "run.sh"
+DEVICE = ROOT / "benchmarks" / "device"
+RUN_SH = DEVICE / "run.sh"
+
+
+def _image_site(folder: Path) -> Path:
+    """A site folder that holds the device-image simulation (as run.sh's install target it stays first on the path)."""
+    folder.mkdir()
+    shutil.copy(DEVICE / "image_sim" / "sitecustomize.py", folder)
+    shutil.copy(DEVICE / "image_packages.txt", folder)
+    return folder
 
 
 def _wheel(folder: Path) -> Path:
@@ -52,12 +65,11 @@ def _run(tmp_path: Path, args: str, **env: str) -> tuple[subprocess.CompletedPro
 
 @pytest.mark.slow
 def test_run_sh_installs_the_wheels_runs_every_section_and_keeps_log_and_numbers(tmp_path):
-    wheels = _wheel(tmp_path / "wheels")
+    wheels, site = _wheel(tmp_path / "wheels"), _image_site(tmp_path / "site")
     result, out = _run(tmp_path, "--device cpu --quick", MOE_GPU_WHEELS=str(wheels))
     assert result.returncode == 0, result.stdout[-3000:]
     log = (out / "gpu.log").read_text()
     assert log == result.stdout  # everything printed is in the log, stderr included
-    site = tmp_path / "site"
     assert (site / "probe_pkg" / "__init__.py").read_text() == "VALUE = 42\n"  # installed where PYTHONPATH points
     assert f"PYTHONPATH={ROOT}:{site}" in log
     for line in ("[tests] SKIP", "[hf] PASS", "[tokens] PASS", "[overhead] PASS", "all checks passed",
@@ -101,6 +113,26 @@ def test_run_sh_needs_out(tmp_path):
     environment = {k: v for k, v in os.environ.items() if k != "OUT"}
     result = subprocess.run(["bash", str(RUN_SH)], env=environment, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "OUT must name the folder" in result.stderr
+
+
+@pytest.mark.slow
+def test_cuda_test_files_import_with_only_the_device_images_packages(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu import cuda_test_files
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    environment = {**os.environ, "PYTHONPATH": f"{DEVICE / 'image_sim'}:{ROOT}", "OMP_NUM_THREADS": "1"}
+    files = cuda_test_files()
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files]
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert re.search(r"^\d+ tests? collected", result.stdout, flags=re.MULTILINE), result.stdout[-2000:]
+    assert "megatron" in result.stdout  # the carried wheel's tests are collected, not skipped at import
+    if importlib.util.find_spec("wandb") is not None:  # here, but not in the image: the simulation hides it
+        probe = "import importlib.util\nprint(importlib.util.find_spec('wandb'))\nimport wandb\n"
+        blocked = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, timeout=60)
+        assert blocked.stdout.strip() == b"None" and b"not in the device image" in blocked.stderr
 
 
 def test_wheels_sh_carries_the_versions_pyproject_pins():
