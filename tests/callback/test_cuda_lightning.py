@@ -73,7 +73,13 @@ def _fit(tmp_path, lm, controllers, accelerator: str, precision: str, strategy: 
         tmp_path, [EndStep(), callback], accelerator=accelerator, precision=precision, strategy=_strategy(strategy),
         max_steps=STEPS, limit_val_batches=0,
     )  # fmt: skip
-    trainer.fit(lm, datamodule=make_data())
+    try:
+        trainer.fit(lm, datamodule=make_data())
+    finally:
+        # FSDPStrategy leaves its (nccl) process group to the interpreter's exit: later tests in this process would
+        # otherwise reduce their CPU tensors over it.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return callback, log
 
 
