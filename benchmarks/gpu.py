@@ -32,13 +32,15 @@ Exit status: 0 if no section failed or ran over, else 1.
 time on a GPU. ``benchmarks/device/run.sh`` is the command that runs it on the device machine.
 
 Usage: ``python benchmarks/gpu.py [--device cuda] [--quick] [--sections tests,hf,tokens,overhead] [--budget 420]
-[--json gpu.json]``
+[--json gpu.json] [--tests-k EXPR]`` (``--tests-k``: only the CUDA tests matching a pytest ``-k`` expression, for a
+rerun of the ones that failed).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import math
 import os
@@ -75,6 +77,8 @@ QUICK_ESTIMATE_S = {"tests": 90, "hf": 10, "tokens": 10, "overhead": 10}
 CUDA_MARK = re.compile(r"not torch\.cuda\.is_available\(\)|[\"']cuda[\"'] if torch\.cuda\.is_available\(\)")
 # bf16 matmuls with fp32 accumulation in a different order: the loop and grouped dispatch agree to a few 1e-3.
 LOSS_TOLERANCE = 2e-2
+# Packages whose versions the report records (the device image's may differ from the ones tested here).
+VERSIONED = ("torch", "lightning", "transformers", "megatron-core", "moewatch", "pandas", "pyarrow", "numpy", "triton")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -87,6 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds for the whole run; a section whose estimate no longer fits is left out (OVER)",
     )  # fmt: skip
     parser.add_argument("--json", default=None, help="write every number to this JSON file")
+    parser.add_argument("--tests-k", default=None, help="pytest -k expression for the tests section (a rerun)")
     args = parser.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(args.sections) - set(SECTIONS))
@@ -298,9 +303,14 @@ def cuda_test_files(root: str = ROOT) -> list[str]:
     return sorted(found)
 
 
-def cuda_test_command(files: Sequence[str], junit: str, python: str = sys.executable) -> list[str]:
-    """The pytest command of the ``tests`` section (run from the repository root)."""
-    return [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", f"--junitxml={junit}", *files]
+def cuda_test_command(
+    files: Sequence[str], junit: str, keyword: str | None = None, python: str = sys.executable
+) -> list[str]:
+    """The pytest command of the ``tests`` section (run from the repository root): one line per test as it ends
+    (what a killed run leaves in the log), short tracebacks, the slowest tests, a JUnit report."""
+    selection = ["-k", keyword] if keyword else []
+    return [python, "-m", "pytest", "-v", "--tb=short", "--durations=10", "-p", "no:cacheprovider", "-rs",
+            f"--junitxml={junit}", *selection, *files]  # fmt: skip
 
 
 def read_junit(path: str) -> dict[str, Any]:
@@ -321,12 +331,13 @@ def read_junit(path: str) -> dict[str, Any]:
     return {**counts, "tests": tests}
 
 
-def run_cuda_tests(files: Sequence[str], timeout: float, allow_skips: bool) -> Outcome:
-    """Runs ``files`` through pytest in a subprocess (its output streams through); PASS when pytest succeeded and,
-    unless ``allow_skips``, nothing was skipped."""
+def run_cuda_tests(files: Sequence[str], timeout: float, allow_skips: bool, keyword: str | None = None) -> Outcome:
+    """Runs ``files`` (the tests matching ``keyword``, a pytest ``-k`` expression, if given) through pytest in a
+    subprocess (its output streams through); PASS when pytest succeeded and, unless ``allow_skips``, nothing was
+    skipped."""
     with tempfile.TemporaryDirectory() as folder:
         junit = os.path.join(folder, "junit.xml")
-        command = cuda_test_command(files, junit)
+        command = cuda_test_command(files, junit, keyword)
         print("$", " ".join(command), flush=True)
         try:
             code = subprocess.run(command, cwd=ROOT, timeout=timeout).returncode
@@ -390,12 +401,28 @@ def _section(name: str, args: argparse.Namespace, device: torch.device, left_s: 
         if device.type != "cuda":
             return Outcome("SKIP", f"not on a CUDA device ({len(files)} files: {', '.join(files)})")
         later = sum(estimates[s] for s in args.sections[args.sections.index(name) + 1 :])
-        return run_cuda_tests(files, timeout=max(60.0, left_s - later), allow_skips=False)
+        return run_cuda_tests(files, timeout=max(60.0, left_s - later), allow_skips=False, keyword=args.tests_k)
     if name == "hf":
         return hf_mixtral(device, args.quick)
     if name == "tokens":
         return bench_tokens(device, args.quick)
     return bench_overhead(device, args.quick)
+
+
+def versions(names: Sequence[str] = VERSIONED) -> dict[str, str]:
+    """Installed versions of ``names`` (``"-"`` for one that is not installed).
+
+    Example:
+        >>> versions(["torch", "no-such-package"])["no-such-package"]
+        '-'
+    """
+    found = {}
+    for package in names:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "-"
+    return found
 
 
 def _write_json(path: str | None, report: dict[str, Any]) -> None:
@@ -417,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{quick}", flush=True)  # fmt: skip
     estimates = QUICK_ESTIMATE_S if args.quick else ESTIMATE_S
     report: dict[str, Any] = dict(device=name, torch=torch.__version__, quick=args.quick, budget_s=args.budget,
-                                  python=sys.version.split()[0], sections={})  # fmt: skip
+                                  python=sys.version.split()[0], versions=versions(), sections={})  # fmt: skip
+    print("versions:", ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     for section in args.sections:
         left_s = args.budget - (time.perf_counter() - start)
         began = time.perf_counter()

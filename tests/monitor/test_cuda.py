@@ -165,6 +165,8 @@ def test_gpu_script_tests_section_reads_a_real_pytest_run(tmp_path):
     assert strict.status == "FAIL" and "needs a thing" in strict.detail
     failed = gpu.run_cuda_tests([sample, broken], timeout=120, allow_skips=True)
     assert failed.status == "FAIL" and failed.detail.startswith("1 passed, 1 failed, 1 skipped")
+    rerun = gpu.run_cuda_tests([sample, broken], timeout=120, allow_skips=False, keyword="test_ok")  # --tests-k
+    assert (rerun.status, rerun.detail) == ("PASS", "1 passed, 0 failed, 0 skipped")
 
 
 def test_gpu_script_leaves_out_a_section_over_its_budget_and_fails(tmp_path, capsys):
