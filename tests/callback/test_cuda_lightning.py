@@ -121,6 +121,7 @@ def test_bias_controller_steers_the_buffer_lightning_moved(tmp_path, accelerator
     "accelerator, precision",
     [
         pytest.param("cpu", "32-true", id="cpu-32"),
+        pytest.param("cpu", "bf16-true", id="cpu-bf16-true"),
         pytest.param("gpu", "bf16-true", id="cuda-bf16-true", marks=needs_cuda),
     ],
 )
@@ -158,7 +159,10 @@ def test_aux_controller_coefficient_reaches_the_moved_router(tmp_path, accelerat
 
 def test_bias_controller_follows_its_knob_through_fsdp_wrapping_on_the_cpu():
     """The CPU side of the ``cuda-fsdp`` case: Lightning's ``FSDPStrategy`` wraps the module with torch's
-    ``FullyShardedDataParallel`` (FSDP1) after the callback's setup; that wrapping runs on the CPU with gloo."""
+    ``FullyShardedDataParallel`` (FSDP1) after the callback's setup; that wrapping runs on the CPU with gloo.
+
+    (Lightning itself cannot run it here: it refuses the CPU accelerator for ``FSDPStrategy``, and its FSDP code
+    passes ``device_id=None`` on the CPU, which torch's FSDP refuses without an accelerator.)"""
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
