@@ -394,14 +394,23 @@ def hf_mixtral(device: torch.device, quick: bool) -> Outcome:
     return Outcome("FAIL", f"counts {counts}, expected {expected}", dict(counts=counts, expected=expected))
 
 
+def tests_section(
+    device: torch.device, left_s: float, later_s: float, keyword: str | None = None, files: Sequence[str] | None = None
+) -> Outcome:
+    """The ``tests`` section: SKIP off CUDA; on CUDA the CUDA test files (``files``, default
+    :func:`cuda_test_files`) with whatever the budget leaves after ``later_s`` seconds of later sections (at least a
+    minute), and no skip allowed."""
+    print("\n## CUDA tests")
+    files = cuda_test_files() if files is None else list(files)
+    if device.type != "cuda":
+        return Outcome("SKIP", f"not on a CUDA device ({len(files)} files: {', '.join(files)})")
+    return run_cuda_tests(files, timeout=max(60.0, left_s - later_s), allow_skips=False, keyword=keyword)
+
+
 def _section(name: str, args: argparse.Namespace, device: torch.device, left_s: float, estimates: dict) -> Outcome:
     if name == "tests":
-        print("\n## CUDA tests")
-        files = cuda_test_files()
-        if device.type != "cuda":
-            return Outcome("SKIP", f"not on a CUDA device ({len(files)} files: {', '.join(files)})")
-        later = sum(estimates[s] for s in args.sections[args.sections.index(name) + 1 :])
-        return run_cuda_tests(files, timeout=max(60.0, left_s - later), allow_skips=False, keyword=args.tests_k)
+        later_s = sum(estimates[s] for s in args.sections[args.sections.index(name) + 1 :])
+        return tests_section(device, left_s, later_s, args.tests_k)
     if name == "hf":
         return hf_mixtral(device, args.quick)
     if name == "tokens":

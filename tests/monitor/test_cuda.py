@@ -165,8 +165,10 @@ def test_gpu_script_tests_section_reads_a_real_pytest_run(tmp_path):
     assert strict.status == "FAIL" and "needs a thing" in strict.detail
     failed = gpu.run_cuda_tests([sample, broken], timeout=120, allow_skips=True)
     assert failed.status == "FAIL" and failed.detail.startswith("1 passed, 1 failed, 1 skipped")
-    rerun = gpu.run_cuda_tests([sample, broken], timeout=120, allow_skips=False, keyword="test_ok")  # --tests-k
+    # The section as it runs on CUDA (with --tests-k), here on these files; off CUDA it skips.
+    rerun = gpu.tests_section(torch.device("cuda"), left_s=300, later_s=100, keyword="test_ok", files=[sample, broken])
     assert (rerun.status, rerun.detail) == ("PASS", "1 passed, 0 failed, 0 skipped")
+    assert gpu.tests_section(torch.device("cpu"), left_s=300, later_s=0, files=[sample]).status == "SKIP"
 
 
 def test_gpu_script_leaves_out_a_section_over_its_budget_and_fails(tmp_path, capsys):
