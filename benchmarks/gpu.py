@@ -446,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.sections = [s for s in SECTIONS if s in args.sections]
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"gpu.py: --device {args.device}, but this torch ({torch.__version__}) sees no CUDA device; run it on "
+              "the GPU machine, or pass --device cpu to try the script here", flush=True)  # fmt: skip
+        return 1
     start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     quick = " (quick)" if args.quick else ""

@@ -38,7 +38,8 @@ mkdir -p "$OUT"
     export PYTHONPATH="$PWD:$SITE"
     echo "PYTHONPATH=$PYTHONPATH"
     $PY -m pip list 2>/dev/null | grep -iE '^(torch|lightning|transformers|megatron-core|moewatch|pandas|pyarrow|tensorboard|numpy|triton|pytest) ' || true
-    timeout --kill-after=15 "$LIMIT" $PY benchmarks/gpu.py --json "$OUT/gpu.json" "${ARGS[@]}"
+    # --device cuda: on the device machine a missing GPU is an error, not a CPU run (MOE_GPU_ARGS may override it).
+    timeout --kill-after=15 "$LIMIT" $PY benchmarks/gpu.py --device cuda --json "$OUT/gpu.json" "${ARGS[@]}"
     code=$?
     [ "$code" -eq 124 ] || [ "$code" -eq 137 ] && echo "run.sh: gpu.py ran past $LIMIT s and was stopped"
     echo "run.sh: gpu.py exit code $code after $(( $(date +%s) - start )) s"

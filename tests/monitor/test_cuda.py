@@ -185,6 +185,14 @@ def test_gpu_script_leaves_out_a_section_over_its_budget_and_fails(tmp_path, cap
         gpu.parse_args(["--budget", "0"])
 
 
+
+def test_gpu_script_refuses_cuda_without_a_gpu(capsys, monkeypatch):
+    # Not a skip on a GPU machine: gpu.py's tests section allows no skip there.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _gpu_script().main(["--device", "cuda", "--quick"]) == 1
+    assert "sees no CUDA device" in capsys.readouterr().out
+
+
 def test_gpu_script_judges_the_two_dispatches_by_their_first_loss():
     gpu = _gpu_script()
     rows = [dict(preset="base", dispatch=d, tokens_per_s=2e6, first_loss=6.0) for d in ("loop", "grouped")]
