@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent
+from moe_monitor.detect import CollapseDetector, CollapseEvent, event_frame
 from moe_monitor.monitor import NoRoutersFoundError, RouterMonitor
 from moe_monitor.sinks.console import ConsoleSink
 from moe_monitor.watcher import STATE_VERSION, Watcher, check_options, console_sink, controller_name
@@ -288,9 +288,7 @@ class MoEMonitor(Callback):
 
     def event_frame(self) -> pd.DataFrame:
         """Every alert, recovery and control event so far, one row each."""
-        if self.watcher is None:
-            return pd.DataFrame([], columns=list(EVENT_COLUMNS))
-        return self.watcher.event_frame()
+        return event_frame([]) if self.watcher is None else self.watcher.event_frame()
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

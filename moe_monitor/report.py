@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from moe_monitor.detect import CollapseDetector, CollapseEvent, achievable_range
+from moe_monitor.detect import CollapseDetector, CollapseEvent, achievable_range, events_from_frame
 from moe_monitor.incidents import IncidentTracker, alert_thresholds
 from moe_monitor.sinks.scalars import layer_labels
 
@@ -264,27 +264,6 @@ class RunData:
         return train if not train.empty else self.layers
 
 
-def _events(frame: pd.DataFrame | None) -> list[CollapseEvent]:
-    if frame is None or frame.empty:
-        return []
-    out = []
-    for row in frame.to_dict("records"):
-        experts = row.get("experts", "[]")
-        if isinstance(experts, str):
-            experts = [int(x) for x in experts.strip("[]() ").replace(",", " ").split() if x.strip()]
-        elif not isinstance(experts, (list, tuple)):
-            experts = []
-        severity = row.get("severity", "warning")
-        out.append(CollapseEvent(
-            int(row["step"]), str(row.get("phase", "train")), str(row["layer"]), str(row["rule"]),
-            float(row.get("value", math.nan)), float(row.get("threshold", math.nan)),
-            severity if severity in ("info", "warning", "critical") else "warning", str(row.get("message", "")),
-            tuple(experts), str(row.get("kind", "alert")) if row.get("kind") in ("alert", "recovery", "control")
-            else "alert",
-        ))
-    return sorted(out, key=lambda e: e.step)
-
-
 def read_run(run_dir: str | Path) -> RunData:
     """Reads one run's history, configuration and loss curve (see the module doc for the folders accepted).
 
@@ -310,7 +289,7 @@ def read_run(run_dir: str | Path) -> RunData:
         history=history,
         layers=layers,
         experts=_read_frame(history, "experts"),
-        events=_events(_read_frame(history, "events")),
+        events=events_from_frame(_read_frame(history, "events")),
         config=_config(history),
         loss=_loss_series(history),
         coactivation=_read_frame(history, "coactivation"),

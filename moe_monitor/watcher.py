@@ -19,7 +19,6 @@ import os
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +26,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent
+from moe_monitor.detect import CollapseDetector, CollapseEvent
+from moe_monitor.detect.events import event_frame, event_from_record, event_record, write_events_csv
 from moe_monitor.incidents import IncidentTracker, progress_status
 from moe_monitor.monitor import RouterMonitor
 from moe_monitor.sinks.base import Sink, relabel_controller_metrics
@@ -517,7 +517,7 @@ class Watcher:
 
     def event_frame(self) -> pd.DataFrame:
         """Every alert, recovery and control event so far, one row each (columns ``EVENT_COLUMNS``)."""
-        return _event_frame(self.events)
+        return event_frame(self.events)
 
     # --------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -548,7 +548,7 @@ class Watcher:
             self.monitor.load_state_dict(state["monitor"])
         if self.detector is not None and state.get("detector") is not None:
             self.detector.load_state_dict(state["detector"])
-        self.events = [CollapseEvent(**{**e, "experts": tuple(e["experts"])}) for e in state.get("events", [])]
+        self.events = [event_from_record(record) for record in state.get("events", [])]
         # The incidents still open at the checkpoint stay open: the progress bar and the console know them.
         names = [layer.name for layer in self.monitor.layers]
         self.tracker = IncidentTracker()
@@ -599,17 +599,17 @@ class Watcher:
         prints the console summary, which lists those files and writes ``summary.json`` beside them."""
         if not self.is_global_zero:
             return
-        layer_frame, event_frame = self.layer_frame(), self.event_frame()
+        layers, events = self.layer_frame(), self.event_frame()
         for sink in self.sinks:
             if sink is not self.console:
-                self._safely(f"finish the {sink.name} sink", sink.finish, layer_frame, event_frame)
+                self._safely(f"finish the {sink.name} sink", sink.finish, layers, events)
         coactivation = coactivation_frame(self.monitor, self._coactivation_LEE)
         for files in self._files:
-            self._safely("save the history", files.finish, self.monitor, event_frame, coactivation)
+            self._safely("save the history", files.finish, self.monitor, self.events, coactivation)
         if self.console is not None:
             if self.console.history_dir is None and self._files:
                 self.console.history_dir = Path(self._files[0].path)
-            self._safely("finish the console sink", self.console.finish, layer_frame, event_frame)
+            self._safely("finish the console sink", self.console.finish, layers, events)
 
     @property
     def files(self) -> list[str]:
@@ -695,14 +695,16 @@ class _HistoryFiles:
             os.makedirs(self.path, exist_ok=True)
             if monitor.history.directory is None:
                 monitor.history.open(self.path)
-            _event_frame(every).to_csv(self._events, index=False)
+            write_events_csv(self._events, every)
             return
         if new:
-            _event_frame(new).to_csv(self._events, mode="a", header=False, index=False)
+            write_events_csv(self._events, new, append=True)
 
-    def finish(self, monitor: RouterMonitor, event_frame: pd.DataFrame, coactivation: pd.DataFrame | None) -> None:
+    def finish(
+        self, monitor: RouterMonitor, events: Sequence[CollapseEvent], coactivation: pd.DataFrame | None
+    ) -> None:
         monitor.save(self.path)  # the history's own directory: flushed; any other: a full copy
-        event_frame.to_csv(self._events, index=False)
+        write_events_csv(self._events, events)
         if coactivation is not None:
             coactivation.to_csv(os.path.join(self.path, "coactivation.csv"), index=False)
 
@@ -739,10 +741,6 @@ def coactivation_frame(monitor: RouterMonitor, coactivation_LEE: torch.Tensor | 
     if not rows:
         return None
     return pd.DataFrame(rows, columns=["layer", "layer_index", "expert_a", "expert_b", "count"])
-
-
-def _event_frame(events: Sequence[CollapseEvent]) -> pd.DataFrame:
-    return pd.DataFrame([event_record(e) for e in events], columns=list(EVENT_COLUMNS))
 
 
 # ------------------------------------------------------------------------------------------------- sinks
@@ -857,7 +855,3 @@ def controller_name(controller: Any) -> str:
     """The name a controller's state is saved under."""
     return str(getattr(controller, "name", type(controller).__name__))
 
-
-def event_record(event: CollapseEvent) -> dict[str, Any]:
-    """An event as plain types, so checkpoints load with ``torch.load(weights_only=True)``."""
-    return {**asdict(event), "experts": list(event.experts)}
