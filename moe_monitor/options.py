@@ -222,10 +222,10 @@ def _sinks(sinks: Any, allow_none: bool, error: type[Exception], owner: str) -> 
     if sinks is None and allow_none:
         return None
     if sinks is None or isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
-        default = "None (the sinks of the trainer's loggers) or " if allow_none else ""
+        default = ", or None (the sinks of the trainer's loggers)" if allow_none else ""
         raise error(
-            f"sinks={sinks!r} is not valid; choose {default}a list of sinks, e.g. {owner}(sinks=[summary_writer,"
-            " 'runs/moe_files', MySink()])."
+            f"sinks={sinks!r} is not valid; choose a list of sinks (each a moe_monitor.sinks.base.Sink, a directory"
+            f" path, a SummaryWriter, a wandb run or a Lightning logger){default}, e.g. {owner}(sinks=[MySink()])."
         )
     try:
         return check_targets(sinks)

@@ -103,7 +103,7 @@ class Watcher:
             heatmaps, custom-scalars layout, event text), W&B runs (scalars, histograms, heatmaps, alerts, tables),
             directory paths (``str`` / ``os.PathLike``: crash-safe ``layers.csv``, ``experts.csv``, ``events.csv``
             appended as each window closes, plus parquet twins at :meth:`close`), Lightning loggers, or
-            :class:`~moe_monitor.sinks.base.Sink` objects.
+            :class:`~moe_monitor.sinks.base.Sink` objects (built-in or your own: docs/sinks.md).
         routers: manual router registration, passed to :class:`~moe_monitor.monitor.RouterMonitor`.
         name: distinguishes several watchers of one run: keys become ``moe/<name>/<phase>/...`` and
             ``controller/<name>/...``, and files go to ``<dir>/<name>/``.

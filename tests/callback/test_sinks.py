@@ -13,6 +13,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.tensorboard import SummaryWriter
 
 from moe_monitor import CollapseDetector, MoEMonitor
+from moe_monitor.sinks.scalars import ScalarSink
+from moe_monitor.sinks.tensorboard import TensorBoardSink
 from tests.callback.conftest import SEQ_LEN, TINY, make_data, make_lm, make_trainer
 from tests.integrations.tb_read import accumulate, expert_load, main_run
 from tests.sinks.user_sinks import Broken, Recorder
@@ -68,7 +70,9 @@ def test_a_failing_user_sink_warns_once_and_the_fit_goes_on(tmp_path: Path) -> N
 def test_explicit_summary_writer_and_tensorboard_logger_write_event_files_tensorboard_reads(tmp_path: Path) -> None:
     writer = SummaryWriter(log_dir=str(tmp_path / "writer"))
     tb_logger = TensorBoardLogger(tmp_path / "tb", name="run")
-    callback = MoEMonitor(sinks=[writer, tb_logger], console=False)
+    by_hand = TensorBoardLogger(tmp_path / "hand", name="run")
+    chosen = [ScalarSink([by_hand]), TensorBoardSink(by_hand, log_histograms=False)]  # built-in sinks, picked
+    callback = MoEMonitor(sinks=[writer, tb_logger, *chosen], console=False)
     trainer = make_trainer(tmp_path, [callback], max_steps=4)  # no logger of the Trainer's own
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -87,6 +91,10 @@ def test_explicit_summary_writer_and_tensorboard_logger_write_event_files_tensor
             assert counts == expected["count"].astype(float).tolist()
             scalar = [s.step for s in events.Scalars(f"moe/train/load_entropy/L{layer:02d}")]
             assert scalar == [2, 4]
+    hand = accumulate(main_run(tmp_path / "hand"))
+    assert [s.step for s in hand.Scalars("moe/train/load_entropy/L00")] == [2, 4]
+    assert "moe/train/load_heatmap" in hand.Tags()["images"]
+    assert not [tag for tag in hand.Tags()["tensors"] if "expert_load" in tag]  # the histograms left out
 
 
 @pytest.mark.parametrize("sinks", ["runs/x", [object()], 3])
