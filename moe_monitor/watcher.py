@@ -16,8 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import traceback
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +26,7 @@ from torch import nn
 
 from moe_monitor.detect import CollapseDetector, CollapseEvent
 from moe_monitor.detect.events import event_frame, event_from_record, event_record, write_events_csv
+from moe_monitor.faults import Faults
 from moe_monitor.incidents import IncidentTracker, progress_status
 from moe_monitor.monitor import RouterMonitor
 from moe_monitor.options import WatchOptions, controller_name
@@ -44,7 +43,6 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 # Evaluation phases whose windows may wait for a point every process reaches (see `Watcher.end_phase`).
 DEFERRABLE_PHASES = ("val", "test")
-_DISTRIBUTED_DIR = os.path.dirname(torch.distributed.__file__) + os.sep
 
 
 def console_sink(
@@ -174,11 +172,14 @@ class Watcher:
         self.log_every = options.log_every  # a trainer callback resolves its interval late and sets it here
         self.name = options.name
         self._is_global_zero = is_global_zero
+        # One fault-isolation layer for the watcher's own work and every sink's guarded calls.
+        self.faults = Faults(loud=lambda: self.is_global_zero)
         self._views = (options.log_histograms, options.log_heatmaps)
         self.sinks: list[Sink] = []
         self._files: list[_HistoryFiles] = []
         self.console = console_sink(console, self.controllers, "Watcher") if self.is_global_zero else None
         if self.console is not None:
+            self.console.faults = self.faults
             self.sinks.append(self.console)
         self.add_sinks(options.sinks)
         self.tracker = IncidentTracker()  # every window's events folded into incidents, for `status`
@@ -193,7 +194,6 @@ class Watcher:
         # in this order). Add more, e.g. per-domain "val/<domain>" windows, before the first evaluation.
         self.deferrable_phases: tuple[str, ...] = DEFERRABLE_PHASES
         self._pending_controller_state: dict[str, Any] = {}
-        self._warned: set[str] = set()
         self._closed = False
         self._coactivation_LEE: torch.Tensor | None = None  # training windows' co-activation, summed
         self.monitor = RouterMonitor(model, routers=options.routers, process_group=options.process_group)
@@ -384,6 +384,8 @@ class Watcher:
         For dashboards that exist only after the watcher, e.g. a trainer's SummaryWriter opened at training start.
         """
         sinks, directories = make_sinks(targets, *self._views, detector=self.detector)
+        for sink in sinks:
+            sink.faults = self.faults
         self.sinks += sinks
         self._files += [_HistoryFiles(d if self.name is None else os.path.join(d, self.name)) for d in directories]
 
@@ -548,26 +550,8 @@ class Watcher:
             self._safely("append to the history files", files.append, self.monitor, snapshot, events, self.events)
 
     def _safely(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Runs one step of the watcher's own work; on error warns once per ``what`` and lets training go on.
-
-        Errors raised inside ``torch.distributed`` (a collective on a broken process group) are re-raised: a
-        process that carried on would leave the others waiting in their next collective.
-        """
-        try:
-            return fn(*args)
-        except Exception as err:  # the monitor must never kill the run it watches
-            if raised_in_distributed(err):
-                raise
-            if what not in self._warned:
-                self._warned.add(what)
-                if self.is_global_zero:
-                    warnings.warn(
-                        f"MoEMonitor could not {what} ({type(err).__name__}: {err}); training goes on. Further"
-                        " failures of this kind are not reported.",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-            return None
+        """Runs one step of the watcher's own work through its one fault-isolation layer (:attr:`faults`)."""
+        return self.faults.run(what, fn, *args)
 
 
 class _HistoryFiles:
@@ -645,12 +629,5 @@ def coactivation_frame(monitor: RouterMonitor, coactivation_LEE: torch.Tensor | 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
-
-def raised_in_distributed(err: BaseException) -> bool:
-    """Whether ``err`` comes from ``torch.distributed`` (a broken process group), which must not be swallowed."""
-    if isinstance(err, getattr(torch.distributed, "DistError", ())):
-        return True
-    # Gloo reports a lost peer as a plain RuntimeError: look for a torch.distributed frame where it was raised.
-    return any(f.f_code.co_filename.startswith(_DISTRIBUTED_DIR) for f, _ in traceback.walk_tb(err.__traceback__))
 
 
