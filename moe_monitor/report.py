@@ -880,18 +880,18 @@ def write_report(run_dir: str | Path | Sequence[str | Path], output: str | Path 
     ``output`` defaults to ``RUN_DIR/moe_report.html`` for one run and ``FIRST_RUN_DIR/moe_compare.html`` for
     several.
 
-    Example:
+    Example (two runs compared; one run's report goes to ``RUN_DIR/moe_report.html``, see :func:`render_report`):
         >>> import tempfile
         >>> from moe_monitor.detect import make_snapshot
         >>> from moe_monitor.history import History
-        >>> history = History(["router"], num_experts=[2], top_k=[1])
-        >>> for step in (10, 20):
-        ...     history.append(make_snapshot([[30, 10]], step=step, top_k=1))
-        >>> run_dir = tempfile.mkdtemp()
-        >>> _ = history.save(run_dir)
-        >>> path = write_report(run_dir)
-        >>> path.name, path.stat().st_size > 1000
-        ('moe_report.html', True)
+        >>> runs = [tempfile.mkdtemp(), tempfile.mkdtemp()]
+        >>> for run_dir, counts in zip(runs, ([[30, 10]], [[20, 20]])):
+        ...     history = History(["router"], num_experts=[2], top_k=[1])
+        ...     history.append(make_snapshot(counts, step=10, top_k=1))
+        ...     _ = history.save(run_dir)
+        >>> path = write_report(runs)
+        >>> path.name, path.parent.name == Path(runs[0]).name, "2 runs compared" in path.read_text()
+        ('moe_compare.html', True, True)
     """
     dirs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
     if output is not None:
