@@ -29,7 +29,7 @@ from moe_monitor.detect.events import event_frame, event_from_record, event_reco
 from moe_monitor.faults import Faults
 from moe_monitor.incidents import IncidentTracker, progress_status
 from moe_monitor.monitor import RouterMonitor
-from moe_monitor.options import WatchOptions, controller_name
+from moe_monitor.options import OptionsAccess, WatchOptions, controller_name
 from moe_monitor.sinks.base import Sink, relabel_controller_metrics
 from moe_monitor.sinks.console import ConsoleSink
 from moe_monitor.sinks.scalars import scalar_metrics
@@ -66,7 +66,7 @@ def console_sink(
     return ConsoleSink(interface=interface, controllers=controllers, out=out, owner=owner)
 
 
-class Watcher:
+class Watcher(OptionsAccess):
     r"""Watches the routers of ``model`` in any training loop: windows, detection, control, dashboards, files.
 
     ``watcher.step(global_step)`` after every optimizer step is the whole protocol; micro-batches of gradient
@@ -168,9 +168,7 @@ class Watcher:
         if not isinstance(control, bool):
             raise ValueError(f"control={control!r} is not valid; choose True or False.")
         self.options = options
-        self.detector, self.controllers = options.detector, options.controllers
         self.log_every = options.log_every  # a trainer callback resolves its interval late and sets it here
-        self.name = options.name
         self._is_global_zero = is_global_zero
         # One fault-isolation layer for the watcher's own work and every sink's guarded calls.
         self.faults = Faults(loud=lambda: self.is_global_zero)
