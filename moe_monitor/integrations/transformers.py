@@ -185,7 +185,7 @@ class MoETrainerCallback(OptionsAccess, TrainerCallback):
             warnings.warn(
                 "MoETrainerCallback could not find the Trainer's callback handler, so routing statistics go only to"
                 " the history files and trainer_state.json; add the dashboards by hand:"
-                " callback.watcher.add_sinks([summary_writer or wandb_run]).",
+                " MoETrainerCallback(sinks=[summary_writer or wandb_run]).",
                 RuntimeWarning,
                 stacklevel=3,
             )
