@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from moe_monitor.detect.events import EVENT_COLUMNS, CollapseEvent
+from moe_monitor.detect.events import CollapseEvent, event_frame
 from moe_monitor.detect.rules import BREACH, HEALTHY, RULE_TABLE, UNKNOWN, Rule, Tuning, Verdict, _finite, read_layer
 from moe_monitor.snapshot import Snapshot
 
@@ -243,9 +243,7 @@ class CollapseDetector:
 
     def event_frame(self):  # -> pandas.DataFrame (imported lazily)
         """:attr:`events` as a ``pandas.DataFrame``, one row per event, columns :data:`EVENT_COLUMNS`."""
-        import pandas as pd
-
-        return pd.DataFrame([asdict(e) for e in self._raised], columns=list(EVENT_COLUMNS))
+        return event_frame(self._raised)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: streaks, active alerts, the running baselines (z-loss history)."""
