@@ -184,6 +184,8 @@ class Watcher(OptionsAccess):
         self._latest: dict[str, Snapshot] = {}
 
         self.events: list[CollapseEvent] = []
+        if self.detector is not None:
+            self.detector.share_events(self.events)  # the one event history: the detector reads it, holds no copy
         self.should_stop = False
         self._seen_step = 0  # the last optimizer step seen: `step(0)` before any step is no step
         self._window_steps = 0
@@ -443,6 +445,8 @@ class Watcher(OptionsAccess):
         if self.detector is not None and state.get("detector") is not None:
             self.detector.load_state_dict(state["detector"])
         self.events = [event_from_record(record) for record in state.get("events", [])]
+        if self.detector is not None:
+            self.detector.share_events(self.events)
         # The incidents still open at the checkpoint stay open: the progress bar and the console know them.
         names = [layer.name for layer in self.monitor.layers]
         self.tracker = IncidentTracker()
