@@ -40,7 +40,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, achievable_range, dead_expert_probability, hot_experts
+from moe_monitor.detect import (
+    CollapseDetector,
+    CollapseEvent,
+    achievable_range,
+    dead_expert_probability,
+    event_frame,
+    hot_experts,
+)
 from moe_monitor.monitor import RouterMonitor
 from moe_monitor.snapshot import Snapshot
 
@@ -264,26 +271,21 @@ class AuditReport:
 
     def event_frame(self):  # -> pandas.DataFrame
         """The findings as events (columns :data:`moe_monitor.detect.EVENT_COLUMNS`), one per (layer, finding)."""
-        import pandas as pd
-
-        rows = []
-        for verdict in self.verdicts:
-            for rule, text in verdict.findings:
-                rows.append(
-                    {
-                        "step": self.snapshot.step,
-                        "phase": _PHASE,
-                        "layer": verdict.layer,
-                        "rule": rule,
-                        "value": math.nan,
-                        "threshold": math.nan,
-                        "severity": verdict.severity if verdict.severity != "ok" else "info",
-                        "message": f"[audit] {verdict.layer}: {text}",
-                        "experts": list(verdict.experts),
-                        "kind": "alert",
-                    }
-                )
-        return pd.DataFrame(rows, columns=list(EVENT_COLUMNS))
+        return event_frame(
+            CollapseEvent(
+                step=self.snapshot.step,
+                phase=_PHASE,
+                layer=verdict.layer,
+                rule=rule,
+                value=math.nan,
+                threshold=math.nan,
+                severity=verdict.severity if verdict.severity != "ok" else "info",
+                message=f"[audit] {verdict.layer}: {text}",
+                experts=tuple(verdict.experts),
+            )
+            for verdict in self.verdicts
+            for rule, text in verdict.findings
+        )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes ``layers.csv``, ``experts.csv`` and ``events.csv`` (the history files of a training run) into

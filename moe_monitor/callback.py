@@ -21,10 +21,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent
+from moe_monitor.detect import CollapseDetector, CollapseEvent, event_frame
 from moe_monitor.monitor import NoRoutersFoundError, RouterMonitor
+from moe_monitor.options import OptionsAccess, TrainerOptions, controller_name
 from moe_monitor.sinks.console import ConsoleSink
-from moe_monitor.watcher import STATE_VERSION, Watcher, check_options, console_sink, controller_name
+from moe_monitor.watcher import STATE_VERSION, Watcher, console_sink
 
 # Forwards of the sanity-check validation go to a phase that is never collected, so they are never counted.
 _SANITY_PHASE = "sanity_check"
@@ -34,7 +35,7 @@ _DOMAIN_COUNTING = "validating:"
 _NO_LOGGER_DIR = "moe_runs"
 
 
-class MoEMonitor(Callback):
+class MoEMonitor(OptionsAccess, Callback):
     r"""Monitors the routers of a Mixture-of-Experts model during ``fit``, ``validate`` and ``test``.
 
     ``Trainer(callbacks=[MoEMonitor()])`` is all it takes: at ``setup`` a :class:`~moe_monitor.watcher.Watcher`
@@ -131,6 +132,12 @@ class MoEMonitor(Callback):
             domain, phase ``"val/<name>"`` (keys ``moe/val/<name>/...``), of the batches of dataloader ``i``
             (named ``val_domains[i]``), shown by ``moe-monitor report`` as expert use per domain; the ``"val"``
             window still counts every batch. ``None``: only ``"val"``.
+        sinks: where the windows go instead of the sinks chosen from the trainer's loggers (``None``, the default:
+            every logger's scalars, plus the rich views of a ``TensorBoardLogger`` or ``WandbLogger``). The kinds
+            :class:`~moe_monitor.watcher.Watcher` takes: your own :class:`~moe_monitor.sinks.base.Sink` (see
+            docs/sinks.md), built-in sinks, Lightning loggers (``sinks=[logger, MySink()]`` keeps the logger's
+            sinks and adds yours), ``SummaryWriter``\ s, W&B runs, directory paths. The history files
+            (``save_frames``) are written beside the run either way.
 
     Raises:
         MisconfigurationException: an argument is of the wrong type or out of range (the message lists what is
@@ -166,41 +173,11 @@ class MoEMonitor(Callback):
         console: bool | Literal["library", "cli"] | ConsoleSink = True,
         process_group: Any = None,
         val_domains: Sequence[str] | None = None,
+        sinks: Iterable[Any] | None = None,
     ) -> None:
-        flags = {
-            "log_expert_loads": log_expert_loads,
-            "log_histograms": log_histograms,
-            "log_heatmaps": log_heatmaps,
-            "stop_on_collapse": stop_on_collapse,
-            "save_frames": save_frames,
-        }
-        detector, controllers = check_options(
-            MisconfigurationException,
-            every_name="log_every_n_steps",
-            log_every=log_every_n_steps,
-            allow_none=True,
-            flags=flags,
-            routers=routers,
-            detector=detector,
-            controllers=controllers,
-            on_alert=on_alert,
-            name=name,
-            owner="MoEMonitor",
-            console=console,
+        self.options: TrainerOptions = TrainerOptions.check(
+            locals(), owner="MoEMonitor", error=MisconfigurationException, every_name="log_every_n_steps"
         )
-        self.log_every_n_steps = log_every_n_steps
-        self.log_expert_loads = log_expert_loads
-        self.log_histograms = log_histograms
-        self.log_heatmaps = log_heatmaps
-        self.routers = routers
-        self.detector: CollapseDetector | None = detector
-        self.controllers: tuple[Any, ...] = controllers
-        self.on_alert = on_alert
-        self.stop_on_collapse = stop_on_collapse
-        self.save_frames = save_frames
-        self.name = name
-        self.console = console
-        self.process_group = process_group
         self.val_domains = _check_domains(val_domains)
 
         self.watcher: Watcher | None = None
@@ -228,8 +205,8 @@ class MoEMonitor(Callback):
     @property
     def state_key(self) -> str:
         keys: dict[str, Any] = dict(
-            log_every_n_steps=self.log_every_n_steps,
-            routers=None if self.routers is None else tuple(_router_name(r) for r in self.routers),
+            log_every_n_steps=self.options.log_every,
+            routers=None if self.options.routers is None else tuple(_router_name(r) for r in self.options.routers),
             controllers=tuple(controller_name(c) for c in self.controllers),
         )
         if self.name is not None:  # unnamed instances keep the key of checkpoints written before `name` existed
@@ -288,9 +265,7 @@ class MoEMonitor(Callback):
 
     def event_frame(self) -> pd.DataFrame:
         """Every alert, recovery and control event so far, one row each."""
-        if self.watcher is None:
-            return pd.DataFrame([], columns=list(EVENT_COLUMNS))
-        return self.watcher.event_frame()
+        return event_frame([]) if self.watcher is None else self.watcher.event_frame()
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -299,7 +274,7 @@ class MoEMonitor(Callback):
             return
         _check_distinct(trainer)
         # `trainer.log_dir` is a broadcast: every process must ask for it, not only the one that writes.
-        saving = stage == "fit" and self.save_frames
+        saving = stage == "fit" and self.options.save_frames
         self._files_dir = _files_dir(trainer, trainer.log_dir) if saving else None
         try:
             self._attach(trainer, pl_module, stage)
@@ -325,39 +300,31 @@ class MoEMonitor(Callback):
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         previous = self.watcher
         sinks: list[Any] = []
+        console: Any = False
         if trainer.is_global_zero:
-            if not trainer.loggers:
+            if self.options.sinks is not None:
+                sinks = list(self.options.sinks)
+            elif trainer.loggers:
+                sinks = list(trainer.loggers)
+            else:
                 rank_zero_warn(
                     "MoEMonitor: the Trainer has no logger, so routing statistics go to no dashboard. The history is"
                     " kept in memory (`MoEMonitor.layer_frame()`) and written, as each window closes, to a new"
-                    " folder `<default_root_dir>/moe_runs/run_<N>` per fit (named on the console).",
+                    " folder `<default_root_dir>/moe_runs/run_<N>` per fit (named on the console). Add a logger to"
+                    " the Trainer, or name dashboards with MoEMonitor(sinks=[...]).",
                     category=RuntimeWarning,
                 )
-                if self._files_dir:
-                    rank_zero_info(f"MoEMonitor: history files of this run: {self._files_dir}")
-            sinks = [*trainer.loggers, *([self._files_dir] if self._files_dir else [])]
-            console = console_sink(self.console, self.controllers, "MoEMonitor", _console_out(trainer))
-        else:
-            console = False
+            if not trainer.loggers and self._files_dir:
+                rank_zero_info(f"MoEMonitor: history files of this run: {self._files_dir}")
+            sinks += [self._files_dir] if self._files_dir else []
+            console = console_sink(self.options.console, self.controllers, "MoEMonitor", _console_out(trainer))
+        arguments = self.options.watcher_arguments(
+            log_every=self.options.log_every or max(1, int(trainer.log_every_n_steps)),
+            sinks=sinks,
+            console=False if console is None else console,
+        )
         try:
-            watcher = Watcher(
-                pl_module,
-                log_every=self.log_every_n_steps or max(1, int(trainer.log_every_n_steps)),
-                detector=self.detector,
-                controllers=self.controllers,
-                sinks=sinks,
-                routers=self.routers,
-                name=self.name,
-                log_expert_loads=self.log_expert_loads,
-                log_histograms=self.log_histograms,
-                log_heatmaps=self.log_heatmaps,
-                on_alert=self.on_alert,
-                stop_on_collapse=self.stop_on_collapse,
-                control=stage == "fit",
-                is_global_zero=trainer.is_global_zero,
-                console=False if console is None else console,
-                process_group=self.process_group,
-            )
+            watcher = Watcher(pl_module, **arguments, control=stage == "fit", is_global_zero=trainer.is_global_zero)
         except NoRoutersFoundError as err:
             hint = "" if "MoEMonitor(routers=" in str(err) else "\n" + _routers_hint(pl_module)
             raise NoRoutersFoundError(f"{err}{hint}") from err

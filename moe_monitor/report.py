@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from moe_monitor.detect import CollapseDetector, CollapseEvent, achievable_range
+from moe_monitor.detect import CollapseDetector, CollapseEvent, achievable_range, events_from_frame
 from moe_monitor.incidents import IncidentTracker, alert_thresholds
 from moe_monitor.sinks.scalars import layer_labels
 
@@ -264,27 +264,6 @@ class RunData:
         return train if not train.empty else self.layers
 
 
-def _events(frame: pd.DataFrame | None) -> list[CollapseEvent]:
-    if frame is None or frame.empty:
-        return []
-    out = []
-    for row in frame.to_dict("records"):
-        experts = row.get("experts", "[]")
-        if isinstance(experts, str):
-            experts = [int(x) for x in experts.strip("[]() ").replace(",", " ").split() if x.strip()]
-        elif not isinstance(experts, (list, tuple)):
-            experts = []
-        severity = row.get("severity", "warning")
-        out.append(CollapseEvent(
-            int(row["step"]), str(row.get("phase", "train")), str(row["layer"]), str(row["rule"]),
-            float(row.get("value", math.nan)), float(row.get("threshold", math.nan)),
-            severity if severity in ("info", "warning", "critical") else "warning", str(row.get("message", "")),
-            tuple(experts), str(row.get("kind", "alert")) if row.get("kind") in ("alert", "recovery", "control")
-            else "alert",
-        ))
-    return sorted(out, key=lambda e: e.step)
-
-
 def read_run(run_dir: str | Path) -> RunData:
     """Reads one run's history, configuration and loss curve (see the module doc for the folders accepted).
 
@@ -310,7 +289,7 @@ def read_run(run_dir: str | Path) -> RunData:
         history=history,
         layers=layers,
         experts=_read_frame(history, "experts"),
-        events=_events(_read_frame(history, "events")),
+        events=events_from_frame(_read_frame(history, "events")),
         config=_config(history),
         loss=_loss_series(history),
         coactivation=_read_frame(history, "coactivation"),
@@ -901,18 +880,18 @@ def write_report(run_dir: str | Path | Sequence[str | Path], output: str | Path 
     ``output`` defaults to ``RUN_DIR/moe_report.html`` for one run and ``FIRST_RUN_DIR/moe_compare.html`` for
     several.
 
-    Example:
+    Example (two runs compared; one run's report goes to ``RUN_DIR/moe_report.html``, see :func:`render_report`):
         >>> import tempfile
         >>> from moe_monitor.detect import make_snapshot
         >>> from moe_monitor.history import History
-        >>> history = History(["router"], num_experts=[2], top_k=[1])
-        >>> for step in (10, 20):
-        ...     history.append(make_snapshot([[30, 10]], step=step, top_k=1))
-        >>> run_dir = tempfile.mkdtemp()
-        >>> _ = history.save(run_dir)
-        >>> path = write_report(run_dir)
-        >>> path.name, path.stat().st_size > 1000
-        ('moe_report.html', True)
+        >>> runs = [tempfile.mkdtemp(), tempfile.mkdtemp()]
+        >>> for run_dir, counts in zip(runs, ([[30, 10]], [[20, 20]])):
+        ...     history = History(["router"], num_experts=[2], top_k=[1])
+        ...     history.append(make_snapshot(counts, step=10, top_k=1))
+        ...     _ = history.save(run_dir)
+        >>> path = write_report(runs)
+        >>> path.name, path.parent.name == Path(runs[0]).name, "2 runs compared" in path.read_text()
+        ('moe_compare.html', True, True)
     """
     dirs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
     if output is not None:

@@ -16,10 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-import traceback
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,115 +25,31 @@ import torch
 from torch import nn
 
 from moe_monitor.controllers import share_across_stages
-from moe_monitor.detect import EVENT_COLUMNS, CollapseDetector, CollapseEvent
+from moe_monitor.detect import CollapseDetector, CollapseEvent
+from moe_monitor.detect.events import event_frame, event_from_record, event_record, write_events_csv
+from moe_monitor.faults import Faults
 from moe_monitor.incidents import IncidentTracker, progress_status
 from moe_monitor.monitor import RouterMonitor
+from moe_monitor.options import OptionsAccess, WatchOptions, controller_name
 from moe_monitor.sinks.base import Sink, relabel_controller_metrics
-from moe_monitor.sinks.console import INTERFACES, ConsoleSink
-from moe_monitor.sinks.scalars import ScalarSink, scalar_metrics
+from moe_monitor.sinks.console import ConsoleSink
+from moe_monitor.sinks.scalars import scalar_metrics
+from moe_monitor.sinks.targets import make_sinks
 from moe_monitor.snapshot import Snapshot
 
-__all__ = ["Watcher", "check_options", "console_sink", "make_sinks"]
+__all__ = ["Watcher", "console_sink"]
 
 log = logging.getLogger(__name__)
 
-CONTROLLER_METHODS = ("setup", "on_train_step", "on_window", "metrics", "state_dict", "load_state_dict")
 STATE_VERSION = 1
 # Evaluation phases whose windows may wait for a point every process reaches (see `Watcher.end_phase`).
 DEFERRABLE_PHASES = ("val", "test")
-_DISTRIBUTED_DIR = os.path.dirname(torch.distributed.__file__) + os.sep
-
-
-def check_options(
-    error: type[Exception],
-    *,
-    every_name: str,
-    log_every: Any,
-    allow_none: bool,
-    flags: Mapping[str, Any],
-    routers: Any,
-    detector: Any,
-    controllers: Iterable[Any],
-    on_alert: Any,
-    name: Any,
-    owner: str,
-    console: Any = True,
-) -> tuple[Any, tuple[Any, ...]]:
-    """Checks the options every integration shares; raises ``error`` with what is allowed.
-
-    Returns:
-        ``(detector, controllers)`` normalised: ``"default"`` becomes a :class:`CollapseDetector`, the controllers
-        a tuple.
-
-    Example:
-        >>> detector, controllers = check_options(
-        ...     ValueError, every_name="log_every", log_every=10, allow_none=False, flags={}, routers=None,
-        ...     detector="default", controllers=[], on_alert=None, name=None, owner="Watcher")
-        >>> type(detector).__name__, controllers
-        ('CollapseDetector', ())
-        >>> check_options(ValueError, every_name="log_every", log_every=0, allow_none=False, flags={},
-        ...     routers=None, detector=None, controllers=[], on_alert=None, name=None, owner="Watcher")
-        Traceback (most recent call last):
-        ...
-        ValueError: log_every=0 is not valid; choose a positive integer.
-    """
-    if not (allow_none and log_every is None) and (
-        isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1
-    ):
-        choice = "a positive integer or None (the trainer's logging interval)" if allow_none else "a positive integer"
-        if every_name == "log_every_n_steps":
-            choice = "a positive integer or None (the trainer's log_every_n_steps)"
-        raise error(f"{every_name}={log_every!r} is not valid; choose {choice}.")
-    for flag, value in flags.items():
-        if not isinstance(value, bool):
-            raise error(f"{flag}={value!r} is not valid; choose True or False.")
-    if isinstance(routers, (str, bytes)) or (routers is not None and not isinstance(routers, Sequence)):
-        raise error(
-            f"routers={routers!r} is not valid; choose None (find routers automatically) or a list of module"
-            " names, modules or `moe_monitor.RouterSpec`s."
-        )
-    if isinstance(detector, str) and detector == "default":
-        detector = CollapseDetector()
-    elif detector is not None and not all(
-        callable(getattr(detector, m, None)) for m in ("update", "state_dict", "load_state_dict")
-    ):
-        raise error(
-            f"detector={detector!r} is not valid; choose 'default', None (no detection) or a"
-            " `moe_monitor.CollapseDetector`."
-        )
-    controllers = tuple(controllers)
-    for controller in controllers:
-        missing = [m for m in CONTROLLER_METHODS if not callable(getattr(controller, m, None))]
-        if missing:
-            raise error(
-                f"controllers contains {controller!r}, which lacks {', '.join(missing)}; choose controllers from"
-                " `moe_monitor.controllers` (AuxLossController, RouterNoiseController, ExpertBiasController)."
-            )
-    names = [controller_name(c) for c in controllers]
-    if len(set(names)) != len(names):
-        raise error(
-            f"controllers have repeated names {names}; give each controller a distinct `name` so their"
-            " checkpoint states do not collide."
-        )
-    if on_alert is not None and not callable(on_alert):
-        raise error(f"on_alert={on_alert!r} is not valid; choose None or a callable(event).")
-    if name is not None and not (isinstance(name, str) and name and name.replace("_", "").replace("-", "").isalnum()):
-        raise error(
-            f"name={name!r} is not valid; choose None or a short identifier of letters, digits, '_' and '-' (it"
-            f" becomes the key prefix moe/<name>/... and the folder of this {owner}'s files)."
-        )
-    if not (isinstance(console, (bool, ConsoleSink)) or (isinstance(console, str) and console in INTERFACES)):
-        raise error(
-            f"console={console!r} is not valid; choose True (incident lines and a summary on the console), False"
-            " (none), 'cli' (hints name moe-monitor train flags) or a `moe_monitor.sinks.console.ConsoleSink`."
-        )
-    return detector, controllers
 
 
 def console_sink(
     console: bool | str | ConsoleSink, controllers: Iterable[Any], owner: str, out: Any = None
 ) -> ConsoleSink | None:
-    """The console sink a ``console=`` option asks for (checked by :func:`check_options`), or ``None``.
+    """The console sink a ``console=`` option asks for (checked by :meth:`WatchOptions.check`), or ``None``.
 
     ``True`` is the library interface (hints name Python arguments of ``owner``), ``"cli"`` the ``moe-monitor
     train`` flags; a :class:`~moe_monitor.sinks.console.ConsoleSink` is used as it is.
@@ -154,7 +67,7 @@ def console_sink(
     return ConsoleSink(interface=interface, controllers=controllers, out=out, owner=owner)
 
 
-class Watcher:
+class Watcher(OptionsAccess):
     r"""Watches the routers of ``model`` in any training loop: windows, detection, control, dashboards, files.
 
     ``watcher.step(global_step)`` after every optimizer step is the whole protocol; micro-batches of gradient
@@ -189,7 +102,7 @@ class Watcher:
             heatmaps, custom-scalars layout, event text), W&B runs (scalars, histograms, heatmaps, alerts, tables),
             directory paths (``str`` / ``os.PathLike``: crash-safe ``layers.csv``, ``experts.csv``, ``events.csv``
             appended as each window closes, plus parquet twins at :meth:`close`), Lightning loggers, or
-            :class:`~moe_monitor.sinks.base.Sink` objects.
+            :class:`~moe_monitor.sinks.base.Sink` objects (built-in or your own: docs/sinks.md).
         routers: manual router registration, passed to :class:`~moe_monitor.monitor.RouterMonitor`.
         name: distinguishes several watchers of one run: keys become ``moe/<name>/<phase>/...`` and
             ``controller/<name>/...``, and files go to ``<dir>/<name>/``.
@@ -252,44 +165,28 @@ class Watcher:
         console: bool | Literal["library", "cli"] | ConsoleSink = True,
         process_group: Any = None,
     ) -> None:
-        flags = {
-            "log_expert_loads": log_expert_loads,
-            "log_histograms": log_histograms,
-            "log_heatmaps": log_heatmaps,
-            "stop_on_collapse": stop_on_collapse,
-            "control": control,
-        }
-        self.detector, self.controllers = check_options(
-            ValueError,
-            every_name="log_every",
-            log_every=log_every,
-            allow_none=False,
-            flags=flags,
-            routers=routers,
-            detector=detector,
-            controllers=controllers,
-            on_alert=on_alert,
-            name=name,
-            owner="Watcher",
-            console=console,
-        )
-        self.log_every = log_every
-        self.name = name
-        self.log_expert_loads = log_expert_loads
-        self.on_alert = on_alert
-        self.stop_on_collapse = stop_on_collapse
+        options = WatchOptions.check(locals(), owner="Watcher")
+        if not isinstance(control, bool):
+            raise ValueError(f"control={control!r} is not valid; choose True or False.")
+        self.options = options
+        self.log_every = options.log_every  # a trainer callback resolves its interval late and sets it here
         self._is_global_zero = is_global_zero
-        self._views = (log_histograms, log_heatmaps)
+        # One fault-isolation layer for the watcher's own work and every sink's guarded calls.
+        self.faults = Faults(loud=lambda: self.is_global_zero)
+        self._views = (options.log_histograms, options.log_heatmaps)
         self.sinks: list[Sink] = []
         self._files: list[_HistoryFiles] = []
         self.console = console_sink(console, self.controllers, "Watcher") if self.is_global_zero else None
         if self.console is not None:
+            self.console.faults = self.faults
             self.sinks.append(self.console)
-        self.add_sinks(sinks)
+        self.add_sinks(options.sinks)
         self.tracker = IncidentTracker()  # every window's events folded into incidents, for `status`
         self._latest: dict[str, Snapshot] = {}
 
         self.events: list[CollapseEvent] = []
+        if self.detector is not None:
+            self.detector.share_events(self.events)  # the one event history: the detector reads it, holds no copy
         self.should_stop = False
         self._seen_step = 0  # the last optimizer step seen: `step(0)` before any step is no step
         self._window_steps = 0
@@ -298,10 +195,9 @@ class Watcher:
         # in this order). Add more, e.g. per-domain "val/<domain>" windows, before the first evaluation.
         self.deferrable_phases: tuple[str, ...] = DEFERRABLE_PHASES
         self._pending_controller_state: dict[str, Any] = {}
-        self._warned: set[str] = set()
         self._closed = False
         self._coactivation_LEE: torch.Tensor | None = None  # training windows' co-activation, summed
-        self.monitor = RouterMonitor(model, routers=routers, process_group=process_group)
+        self.monitor = RouterMonitor(model, routers=options.routers, process_group=options.process_group)
         if not self.is_global_zero:
             # Only the main process writes the history files; the others keep the recent windows, silently.
             self.monitor.history.recent_only()
@@ -385,23 +281,22 @@ class Watcher:
         self.events.extend(events)
         self._track(snapshot, events)
         critical = [e for e in events if e.kind == "alert" and e.severity == "critical"]
-        if self.stop_on_collapse and critical and not self.should_stop:
+        if self.options.stop_on_collapse and critical and not self.should_stop:
             self.should_stop = True
             if self.is_global_zero:
                 log.warning("moe_monitor: stopping at step %d on a critical alert: %s", step, critical[0].message)
         if self.is_global_zero:
-            metrics = self._safely("compute scalars", scalar_metrics, self._published(snapshot), self.log_expert_loads)
-            metrics = metrics or {}
+            metrics = self._scalars(snapshot)
             for index, controller in enumerate(self.controllers):
                 read = self._read_metrics(controller) if shared is None else shared[index]
                 metrics.update({self._controller_key(key): value for key, value in read.items()})
             # Controllers name per-layer knobs by module path; every dashboard tags layers `L00`, `L01`, ...
             metrics = relabel_controller_metrics(metrics, snapshot.layer_names)
             self._publish(snapshot, metrics, events)  # the console sink prints the alerts, once per incident
-            if self.on_alert is not None:
+            if self.options.on_alert is not None:
                 for event in events:
                     if event.kind == "alert":
-                        self._safely("call on_alert", self.on_alert, event)
+                        self._safely("call on_alert", self.options.on_alert, event)
         return events
 
     def _read_metrics(self, controller: Any) -> dict[str, float]:
@@ -488,8 +383,7 @@ class Watcher:
         if snapshot is not None:
             self._latest[phase] = snapshot
         if snapshot is not None and self.is_global_zero:
-            metrics = self._safely("compute scalars", scalar_metrics, self._published(snapshot), self.log_expert_loads)
-            self._publish(snapshot, metrics or {}, [])
+            self._publish(snapshot, self._scalars(snapshot), [])
         return snapshot
 
     def add_sinks(self, targets: Iterable[Any]) -> None:
@@ -498,6 +392,8 @@ class Watcher:
         For dashboards that exist only after the watcher, e.g. a trainer's SummaryWriter opened at training start.
         """
         sinks, directories = make_sinks(targets, *self._views, detector=self.detector)
+        for sink in sinks:
+            sink.faults = self.faults
         self.sinks += sinks
         self._files += [_HistoryFiles(d if self.name is None else os.path.join(d, self.name)) for d in directories]
 
@@ -525,7 +421,7 @@ class Watcher:
 
     def event_frame(self) -> pd.DataFrame:
         """Every alert, recovery and control event so far, one row each (columns ``EVENT_COLUMNS``)."""
-        return _event_frame(self.events)
+        return event_frame(self.events)
 
     # --------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -556,7 +452,9 @@ class Watcher:
             self.monitor.load_state_dict(state["monitor"])
         if self.detector is not None and state.get("detector") is not None:
             self.detector.load_state_dict(state["detector"])
-        self.events = [CollapseEvent(**{**e, "experts": tuple(e["experts"])}) for e in state.get("events", [])]
+        self.events = [event_from_record(record) for record in state.get("events", [])]
+        if self.detector is not None:
+            self.detector.share_events(self.events)
         # The incidents still open at the checkpoint stay open: the progress bar and the console know them.
         names = self.monitor.layer_names
         self.tracker = IncidentTracker()
@@ -607,17 +505,17 @@ class Watcher:
         prints the console summary, which lists those files and writes ``summary.json`` beside them."""
         if not self.is_global_zero:
             return
-        layer_frame, event_frame = self.layer_frame(), self.event_frame()
+        layers, events = self.layer_frame(), self.event_frame()
         for sink in self.sinks:
             if sink is not self.console:
-                self._safely(f"finish the {sink.name} sink", sink.finish, layer_frame, event_frame)
+                self._safely(f"finish the {sink.name} sink", sink.finish, layers, events)
         coactivation = coactivation_frame(self.monitor, self._coactivation_LEE)
         for files in self._files:
-            self._safely("save the history", files.finish, self.monitor, event_frame, coactivation)
+            self._safely("save the history", files.finish, self.monitor, self.events, coactivation)
         if self.console is not None:
             if self.console.history_dir is None and self._files:
                 self.console.history_dir = Path(self._files[0].path)
-            self._safely("finish the console sink", self.console.finish, layer_frame, event_frame)
+            self._safely("finish the console sink", self.console.finish, layers, events)
 
     @property
     def files(self) -> list[str]:
@@ -641,6 +539,10 @@ class Watcher:
             return snapshot
         return dataclasses.replace(snapshot, phase=f"{self.name}/{snapshot.phase}")
 
+    def _scalars(self, snapshot: Snapshot) -> dict[str, float]:
+        published = self._published(snapshot)
+        return self._safely("compute scalars", scalar_metrics, published, self.options.log_expert_loads) or {}
+
     def _controller_key(self, key: str) -> str:
         if self.name is None or not key.startswith("controller/"):
             return key
@@ -658,26 +560,8 @@ class Watcher:
             self._safely("append to the history files", files.append, self.monitor, snapshot, events, self.events)
 
     def _safely(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Runs one step of the watcher's own work; on error warns once per ``what`` and lets training go on.
-
-        Errors raised inside ``torch.distributed`` (a collective on a broken process group) are re-raised: a
-        process that carried on would leave the others waiting in their next collective.
-        """
-        try:
-            return fn(*args)
-        except Exception as err:  # the monitor must never kill the run it watches
-            if raised_in_distributed(err):
-                raise
-            if what not in self._warned:
-                self._warned.add(what)
-                if self.is_global_zero:
-                    warnings.warn(
-                        f"MoEMonitor could not {what} ({type(err).__name__}: {err}); training goes on. Further"
-                        " failures of this kind are not reported.",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-            return None
+        """Runs one step of the watcher's own work through its one fault-isolation layer (:attr:`faults`)."""
+        return self.faults.run(what, fn, *args)
 
 
 class _HistoryFiles:
@@ -703,14 +587,16 @@ class _HistoryFiles:
             os.makedirs(self.path, exist_ok=True)
             if monitor.history.directory is None:
                 monitor.history.open(self.path)
-            _event_frame(every).to_csv(self._events, index=False)
+            write_events_csv(self._events, every)
             return
         if new:
-            _event_frame(new).to_csv(self._events, mode="a", header=False, index=False)
+            write_events_csv(self._events, new, append=True)
 
-    def finish(self, monitor: RouterMonitor, event_frame: pd.DataFrame, coactivation: pd.DataFrame | None) -> None:
+    def finish(
+        self, monitor: RouterMonitor, events: Sequence[CollapseEvent], coactivation: pd.DataFrame | None
+    ) -> None:
         monitor.save(self.path)  # the history's own directory: flushed; any other: a full copy
-        event_frame.to_csv(self._events, index=False)
+        write_events_csv(self._events, events)
         if coactivation is not None:
             coactivation.to_csv(os.path.join(self.path, "coactivation.csv"), index=False)
 
@@ -750,123 +636,9 @@ def coactivation_frame(monitor: RouterMonitor, coactivation_LEE: torch.Tensor | 
     return pd.DataFrame(rows, columns=["layer", "layer_index", "expert_a", "expert_b", "count"])
 
 
-def _event_frame(events: Sequence[CollapseEvent]) -> pd.DataFrame:
-    return pd.DataFrame([event_record(e) for e in events], columns=list(EVENT_COLUMNS))
-
-
-# ------------------------------------------------------------------------------------------------- sinks
-class _WriterLogger:
-    """A ``SummaryWriter`` seen as a logger: ``log_metrics`` and ``experiment``, what the sinks call."""
-
-    def __init__(self, writer: Any) -> None:
-        self.experiment = writer
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        for key, value in metrics.items():
-            self.experiment.add_scalar(key, value, global_step=step)
-
-
-class _RunLogger:
-    """A W&B run seen as a logger; scalars are plotted against ``trainer/global_step`` like the callback's."""
-
-    def __init__(self, run: Any) -> None:
-        self.experiment = run
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from moe_monitor.sinks.wandb import STEP_KEY
-
-        self.experiment.log({**metrics, STEP_KEY: step})
-
-
-def make_sinks(
-    targets: Iterable[Any], log_histograms: bool = True, log_heatmaps: bool = True, detector: Any = None
-) -> tuple[list, list]:
-    """Turns what a user gives as ``sinks=`` into sink objects and history directories.
-
-    ``detector`` gives TensorBoard sinks the alert thresholds they draw beside each statistic.
-
-    Returns:
-        ``(sinks, directories)``.
-
-    Raises:
-        ValueError: a target of a kind no sink knows; the message lists the kinds.
-
-    Example:
-        >>> sinks, dirs = make_sinks(["runs/x"])
-        >>> sinks, dirs
-        ([], ['runs/x'])
-    """
-    sinks: list[Sink] = []
-    directories: list[str] = []
-    for target in targets:
-        if isinstance(target, Sink):
-            sinks.append(target)
-        elif isinstance(target, (str, os.PathLike)):
-            directories.append(os.fspath(target))
-        elif _is_summary_writer(target):
-            from moe_monitor.sinks.tensorboard import TensorBoardSink
-
-            logger = _WriterLogger(target)
-            sinks += [ScalarSink([logger]), TensorBoardSink(logger, log_histograms, log_heatmaps, detector)]
-        elif _is_wandb_run(target):
-            from moe_monitor.sinks.wandb import WandbSink
-
-            logger = _RunLogger(target)
-            sinks += [ScalarSink([logger]), WandbSink(logger, log_histograms, log_heatmaps)]
-        elif callable(getattr(target, "log_metrics", None)):  # a Lightning logger
-            sinks += _logger_sinks(target, log_histograms, log_heatmaps, detector)
-        else:
-            raise ValueError(
-                f"sinks contains {target!r}, which no sink knows; choose a torch.utils.tensorboard.SummaryWriter, a"
-                " wandb run, a directory path (history files), a Lightning logger or a moe_monitor.sinks.base.Sink."
-            )
-    return sinks, directories
-
-
-def _logger_sinks(logger: Any, log_histograms: bool, log_heatmaps: bool, detector: Any) -> list[Sink]:
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
-    sinks: list[Sink] = [ScalarSink([logger])]
-    if isinstance(logger, TensorBoardLogger):
-        from moe_monitor.sinks.tensorboard import TensorBoardSink
-
-        sinks.append(TensorBoardSink(logger, log_histograms, log_heatmaps, detector))
-    elif isinstance(logger, WandbLogger):
-        from moe_monitor.sinks.wandb import WandbSink
-
-        sinks.append(WandbSink(logger, log_histograms, log_heatmaps))
-    return sinks
-
-
-def _is_summary_writer(target: Any) -> bool:
-    from torch.utils.tensorboard import SummaryWriter
-
-    return isinstance(target, SummaryWriter) or type(target).__name__ == "SummaryWriter"
-
-
-def _is_wandb_run(target: Any) -> bool:
-    module = type(target).__module__
-    return module.startswith("wandb.") and callable(getattr(target, "log", None))
-
-
 # ------------------------------------------------------------------------------------------------- helpers
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def raised_in_distributed(err: BaseException) -> bool:
-    """Whether ``err`` comes from ``torch.distributed`` (a broken process group), which must not be swallowed."""
-    if isinstance(err, getattr(torch.distributed, "DistError", ())):
-        return True
-    # Gloo reports a lost peer as a plain RuntimeError: look for a torch.distributed frame where it was raised.
-    return any(f.f_code.co_filename.startswith(_DISTRIBUTED_DIR) for f, _ in traceback.walk_tb(err.__traceback__))
 
-
-def controller_name(controller: Any) -> str:
-    """The name a controller's state is saved under."""
-    return str(getattr(controller, "name", type(controller).__name__))
-
-
-def event_record(event: CollapseEvent) -> dict[str, Any]:
-    """An event as plain types, so checkpoints load with ``torch.load(weights_only=True)``."""
-    return {**asdict(event), "experts": list(event.experts)}

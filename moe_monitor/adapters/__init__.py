@@ -1,7 +1,7 @@
 """Former home of router discovery, kept so that ``from moe_monitor.adapters import RouterSpec`` keeps working.
 
 Everything now lives in :mod:`moe_monitor.families` (one module per model family); this module re-exports its
-public names.
+public names (its ``__all__``), so the two can never list different ones.
 
 Example:
     >>> from moe_monitor.adapters import RouterSpec
@@ -9,34 +9,4 @@ Example:
     2
 """
 
-from moe_monitor.families import (
-    Extract,
-    NoRoutersFoundError,
-    RouterLayer,
-    RouterOutputError,
-    RouterSpec,
-    discover,
-    logits_extract,
-    module_logit_width,
-    module_num_experts,
-    module_top_k,
-    output_extract,
-    read_output,
-    sigmoid_probs,
-)
-
-__all__ = [
-    "Extract",
-    "NoRoutersFoundError",
-    "RouterLayer",
-    "RouterOutputError",
-    "RouterSpec",
-    "discover",
-    "logits_extract",
-    "module_logit_width",
-    "module_num_experts",
-    "module_top_k",
-    "output_extract",
-    "read_output",
-    "sigmoid_probs",
-]
+from moe_monitor.families import *  # noqa: F403  (the shim's purpose: exactly the names of moe_monitor.families)

@@ -9,7 +9,8 @@ The package keeps each concern in one module:
   pure function of one layer's window and its threshold, with its severity and message. A new rule is one entry.
 - :mod:`moe_monitor.detect.detector`: :class:`CollapseDetector`, which owns patience, hysteresis, the per-layer
   state and the events.
-- :mod:`moe_monitor.detect.events`: :class:`CollapseEvent` and its vocabularies.
+- :mod:`moe_monitor.detect.events`: :class:`CollapseEvent`, its vocabularies, and the one conversion of events to
+  records, frames and ``events.csv`` rows and back.
 - :mod:`moe_monitor.detect.synthetic`: :func:`make_snapshot`, snapshots from plain counts.
 
 Example:
@@ -20,7 +21,17 @@ Example:
 """
 
 from moe_monitor.detect.detector import CollapseDetector
-from moe_monitor.detect.events import EVENT_COLUMNS, KINDS, SEVERITIES, CollapseEvent
+from moe_monitor.detect.events import (
+    EVENT_COLUMNS,
+    KINDS,
+    SEVERITIES,
+    CollapseEvent,
+    event_frame,
+    event_from_record,
+    event_record,
+    events_from_frame,
+    write_events_csv,
+)
 from moe_monitor.detect.rules import (
     RULE_TABLE,
     RULES,
@@ -44,6 +55,11 @@ __all__ = [
     "Verdict",
     "achievable_range",
     "dead_expert_probability",
+    "event_frame",
+    "event_from_record",
+    "event_record",
+    "events_from_frame",
     "hot_experts",
     "make_snapshot",
+    "write_events_csv",
 ]

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from moe_monitor.detect.events import EVENT_COLUMNS, CollapseEvent
+from moe_monitor.detect.events import CollapseEvent, event_frame
 from moe_monitor.detect.rules import BREACH, HEALTHY, RULE_TABLE, UNKNOWN, Rule, Tuning, Verdict, _finite, read_layer
 from moe_monitor.snapshot import Snapshot
 
@@ -176,6 +176,7 @@ class CollapseDetector:
         # Running baselines of the rules that keep one, by (phase, layer, statistic).
         self._baselines: dict[tuple[str, str, str], deque[float]] = {}
         self._raised: list[CollapseEvent] = []
+        self._shared = False  # True once `share_events` hands it its owner's one event history
 
     def _enabled(self) -> list[tuple[Rule, Any]]:
         """``(rule, threshold)`` of the rules switched on, in table order (read on each call: attributes may change)."""
@@ -205,9 +206,32 @@ class CollapseDetector:
         """The alerts and recoveries this object raised since it was built or loaded, oldest first (a copy).
 
         They are not part of :meth:`state_dict`: a run's one event history is the watcher's (``MoEMonitor.events``,
-        ``watch(...).events``), which its checkpoints hold together with the controllers' events.
+        ``watch(...).events``), which its checkpoints hold together with the controllers' events. Inside a watcher
+        (see :meth:`share_events`) these are the alerts and recoveries of that history, not a second copy.
         """
+        if self._shared:
+            return [event for event in self._raised if event.kind != "control"]
         return list(self._raised)
+
+    def share_events(self, history: list[CollapseEvent]) -> None:
+        """Reads :attr:`events` from ``history`` instead of keeping a list of its own.
+
+        The owner of ``history`` (the watcher) appends what :meth:`update` returns to it, so each event is held
+        once; a detector used on its own keeps its own list.
+
+        Args:
+            history: the owner's event list, alerts and recoveries among other events (controller changes).
+
+        Example:
+            >>> history = []
+            >>> detector = CollapseDetector()
+            >>> detector.share_events(history)
+            >>> history.append(CollapseEvent(10, "train", "layers.0", "dead_experts", 2.0, 0.0, "warning", "..."))
+            >>> [e.rule for e in detector.events]
+            ['dead_experts']
+        """
+        self._raised = history
+        self._shared = True
 
     def update(self, snapshot: Snapshot) -> list[CollapseEvent]:
         """Reads one window and returns the alerts and recoveries it triggers (also appended to :attr:`events`).
@@ -238,14 +262,13 @@ class CollapseDetector:
             for rule, verdict in verdicts:
                 if rule.baseline:
                     self._record_baseline(snapshot.phase, layer, rule, window.stat.get(rule.statistic), verdict)
-        self._raised.extend(new)
+        if not self._shared:
+            self._raised.extend(new)
         return new
 
     def event_frame(self):  # -> pandas.DataFrame (imported lazily)
         """:attr:`events` as a ``pandas.DataFrame``, one row per event, columns :data:`EVENT_COLUMNS`."""
-        import pandas as pd
-
-        return pd.DataFrame([asdict(e) for e in self._raised], columns=list(EVENT_COLUMNS))
+        return event_frame(self.events)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: streaks, active alerts, the running baselines (z-loss history)."""
@@ -278,7 +301,8 @@ class CollapseDetector:
             )
             for entry in state["z_history"]
         }
-        self._raised = []
+        if not self._shared:
+            self._raised = []
 
     # -- patience and hysteresis -------------------------------------------------------------------------------
 

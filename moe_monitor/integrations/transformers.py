@@ -17,10 +17,11 @@ from typing import Any, Literal
 import torch
 
 from moe_monitor.detect import CollapseDetector, CollapseEvent
+from moe_monitor.options import OptionsAccess, TrainerOptions
 from moe_monitor.sinks.base import Sink
 from moe_monitor.sinks.console import ConsoleSink
 from moe_monitor.snapshot import Snapshot
-from moe_monitor.watcher import Watcher, check_options, console_sink
+from moe_monitor.watcher import Watcher, console_sink
 
 try:
     from transformers import TrainerCallback
@@ -35,7 +36,7 @@ STATE_FILE = "moe_monitor.pt"
 """File name of the monitor's state inside each ``checkpoint-<step>`` folder (``moe_monitor-<name>.pt`` when named)."""
 
 
-class MoETrainerCallback(TrainerCallback):
+class MoETrainerCallback(OptionsAccess, TrainerCallback):
     r"""Monitors the MoE routers of a ``transformers.Trainer`` run: statistics, alerts, controllers, checkpoints.
 
     ``Trainer(model, args, train_dataset=..., callbacks=[MoETrainerCallback()])`` is all it takes (TRL's
@@ -86,6 +87,11 @@ class MoETrainerCallback(TrainerCallback):
             ``moe-monitor train`` flags; a :class:`~moe_monitor.sinks.console.ConsoleSink`; ``False``: silent.
         process_group: the ``torch.distributed`` group the windows and controllers reduce over; ``None``: the
             default group (see :class:`~moe_monitor.monitor.RouterMonitor` and docs/distributed.md).
+        sinks: where the windows go instead of the dashboards found from ``report_to`` (``None``, the default: the
+            Trainer's TensorBoard writer, W&B run and other integrations). The kinds
+            :class:`~moe_monitor.watcher.Watcher` takes: your own :class:`~moe_monitor.sinks.base.Sink` (see
+            docs/sinks.md), built-in sinks, ``SummaryWriter``\ s, W&B runs, directory paths. The history files
+            (``save_frames``) and the ``state.log_history`` entries are written either way.
 
     Raises:
         ValueError: an argument is of the wrong type or out of range; the message lists what is allowed.
@@ -116,39 +122,9 @@ class MoETrainerCallback(TrainerCallback):
         name: str | None = None,
         console: bool | Literal["library", "cli"] | ConsoleSink = True,
         process_group: Any = None,
+        sinks: Iterable[Any] | None = None,
     ) -> None:
-        flags = {
-            "log_expert_loads": log_expert_loads,
-            "log_histograms": log_histograms,
-            "log_heatmaps": log_heatmaps,
-            "stop_on_collapse": stop_on_collapse,
-            "save_frames": save_frames,
-        }
-        self.detector, self.controllers = check_options(
-            ValueError,
-            every_name="log_every",
-            log_every=log_every,
-            allow_none=True,
-            flags=flags,
-            routers=routers,
-            detector=detector,
-            controllers=controllers,
-            on_alert=on_alert,
-            name=name,
-            owner="MoETrainerCallback",
-            console=console,
-        )
-        self.console = console
-        self.process_group = process_group
-        self.log_every = log_every
-        self.log_expert_loads = log_expert_loads
-        self.log_histograms = log_histograms
-        self.log_heatmaps = log_heatmaps
-        self.routers = routers
-        self.on_alert = on_alert
-        self.stop_on_collapse = stop_on_collapse
-        self.save_frames = save_frames
-        self.name = name
+        self.options: TrainerOptions = TrainerOptions.check(locals(), owner="MoETrainerCallback")
         self.watcher: Watcher | None = None
         self.state: Any = None  # the Trainer's TrainerState and TrainerControl, for the log sinks
         self.control: Any = None
@@ -169,24 +145,17 @@ class MoETrainerCallback(TrainerCallback):
                 " (Trainer(model=..., callbacks=[MoETrainerCallback()]))."
             )
         self._check_distinct()
-        files = [os.path.join(args.output_dir, "moe_monitor")] if self.save_frames and args.output_dir else []
-        self.watcher = Watcher(
-            model,
-            log_every=self.log_every or _logging_steps(args, state),
-            detector=self.detector,
-            controllers=self.controllers,
-            sinks=[*files, _LogHistorySink(self)] if state.is_world_process_zero else [],
-            routers=self.routers,
-            name=self.name,
-            log_expert_loads=self.log_expert_loads,
-            log_histograms=self.log_histograms,
-            log_heatmaps=self.log_heatmaps,
-            on_alert=self.on_alert,
-            stop_on_collapse=self.stop_on_collapse,
-            is_global_zero=bool(state.is_world_process_zero),
-            console=console_sink(self.console, self.controllers, "MoETrainerCallback", _tqdm_write()) or False,
-            process_group=self.process_group,
+        options = self.options
+        files = [os.path.join(args.output_dir, "moe_monitor")] if options.save_frames and args.output_dir else []
+        main = bool(state.is_world_process_zero)
+        chosen = list(options.sinks or ())  # `None`: the dashboards of `report_to`, found at train start
+        console = console_sink(options.console, self.controllers, "MoETrainerCallback", _tqdm_write()) or False
+        arguments = options.watcher_arguments(
+            log_every=options.log_every or _logging_steps(args, state),
+            sinks=[*chosen, *files, _LogHistorySink(self)] if main else [],
+            console=console,
         )
+        self.watcher = Watcher(model, **arguments, is_global_zero=main)
         self._mask_hook = model.register_forward_pre_hook(self._read_mask, with_kwargs=True)
 
     def _read_mask(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -209,14 +178,14 @@ class MoETrainerCallback(TrainerCallback):
 
     def _find_dashboards(self, args: Any, state: Any, control: Any) -> None:
         """Adds the Trainer's TensorBoard writer, W&B run and other ``report_to`` loggers as sinks (once)."""
-        if self._dashboards_found or not state.is_world_process_zero:
+        if self._dashboards_found or self.options.sinks is not None or not state.is_world_process_zero:
             return
         handler = _callback_handler()
         if handler is None:
             warnings.warn(
                 "MoETrainerCallback could not find the Trainer's callback handler, so routing statistics go only to"
                 " the history files and trainer_state.json; add the dashboards by hand:"
-                " callback.watcher.add_sinks([summary_writer or wandb_run]).",
+                " MoETrainerCallback(sinks=[summary_writer or wandb_run]).",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -244,7 +213,7 @@ class MoETrainerCallback(TrainerCallback):
     # --------------------------------------------------------------------------------------------- training
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.state, self.control = state, control
-        if self.log_every is None:  # `logging_steps` as a fraction of the run is resolved only now
+        if self.options.log_every is None:  # `logging_steps` as a fraction of the run is resolved only now
             self.watcher.log_every = _logging_steps(args, state)
         self._find_dashboards(args, state, control)
         if state.global_step > 0:

@@ -1,7 +1,9 @@
-"""What every sink shares: a window-sized interface and fault isolation that warns once per failing call.
+"""What every sink shares: a window-sized interface, and :meth:`Sink.guard` for each call it makes to the outside.
 
 A dashboard that fails (full disk, lost connection, missing optional package) must never stop the training run
-it watches, so every call a sink makes to the outside goes through :meth:`Sink.guard`.
+it watches. The watcher calls each sink inside its fault-isolation layer (:class:`~moe_monitor.faults.Faults`);
+a sink wraps each of its own outside calls in :meth:`Sink.guard`, so one failing view (say, the histograms) leaves
+the others (the scalars) working. Both report to the watcher's one :class:`~moe_monitor.faults.Faults`.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from moe_monitor.faults import Faults
 from moe_monitor.snapshot import Snapshot
 
 
@@ -40,7 +42,13 @@ def relabel_controller_metrics(metrics: dict[str, float], layer_names: Sequence[
 
 
 class Sink:
-    """Base class of a dashboard sink; subclasses override the hooks they need.
+    """Base class of a sink: where closed windows go. Subclasses override the hooks they need (see docs/sinks.md).
+
+    Attributes:
+        name: a short name, used in warnings (``"the <name> sink"``).
+        failures: how many of this sink's guarded calls have failed.
+        faults: the fault-isolation layer :meth:`guard` reports to: the sink's own until a watcher takes the
+            sink, then the watcher's (one warning per kind of failure in the whole run).
 
     Example:
         >>> class Broken(Sink):
@@ -59,23 +67,17 @@ class Sink:
     name = "sink"
 
     def __init__(self) -> None:
-        self._warned: set[str] = set()
+        self.faults = Faults()
         self.failures = 0
 
     def guard(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Runs ``fn(*args, **kwargs)``; on any error warns once per ``what`` and returns ``None``."""
+        """Runs ``fn(*args, **kwargs)``; on any error warns once per ``what`` (through :attr:`faults`) and returns
+        ``None``, so the rest of the sink's work goes on."""
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # a dashboard fault must never reach the training loop
             self.failures += 1
-            if what not in self._warned:
-                self._warned.add(what)
-                rank_zero_warn(
-                    f"MoEMonitor: the {self.name} sink failed to {what} ({type(err).__name__}: {err}). Training goes"
-                    " on and the history stays in memory (`MoEMonitor.monitor.layer_frame()`); further failures of"
-                    " this kind are not reported.",
-                    category=RuntimeWarning,
-                )
+            self.faults.report(f"{what} (the {self.name} sink)", err)
             return None
 
     def log_window(self, snapshot: Snapshot, metrics: dict[str, float], events: Sequence[Any]) -> None:

@@ -19,6 +19,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    if str(EXAMPLES) not in sys.path:  # as when run as a script: the examples' own folder is importable
+        sys.path.insert(0, str(EXAMPLES))
     spec.loader.exec_module(module)
     return module
 

@@ -104,6 +104,10 @@ def test_state_dict_round_trip_and_a_foreign_version_is_refused(tmp_path: Path) 
     assert restored.layer_frame().equals(watcher.layer_frame())
     assert restored.event_frame().equals(watcher.event_frame())
     assert restored.detector.active == detector.active
+    # One event history: the detector reads the watcher's list (alerts and recoveries), before and after a load.
+    assert detector.events == [e for e in watcher.events if e.kind != "control"] and len(detector.events) == 2
+    assert restored.detector.events == detector.events
+    assert detector.event_frame().equals(watcher.event_frame())
     with pytest.raises(ValueError, match="version 7.*reads version 1"):
         restored.load_state_dict({**state, "version": 7})
 

@@ -1,11 +1,14 @@
 """CUDA: no host sync under ``torch.cuda.set_sync_debug_mode("error")``, CUDA counts equal CPU counts, and the CPU
-side of ``benchmarks/gpu.py`` (so nothing in it runs for the first time on a GPU)."""
+side of ``benchmarks/gpu.py`` (so nothing in it runs for the first time on a GPU; its run through
+``benchmarks/device/run.sh`` is tested in ``tests/benchmarks/test_device_scripts.py``)."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import sys
 import warnings
 
 import pytest
@@ -115,35 +118,88 @@ def test_cuda_counts_equal_cpu_counts():
 
 # --------------------------------------------------------------------------------------- benchmarks/gpu.py on CPU
 def _gpu_script():
+    if "gpu_benchmark" in sys.modules:
+        return sys.modules["gpu_benchmark"]
     spec = importlib.util.spec_from_file_location("gpu_benchmark", os.path.join(ROOT, "benchmarks", "gpu.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-def test_gpu_script_names_cuda_tests_that_exist():
+def test_gpu_script_finds_every_cuda_test_file():
     gpu = _gpu_script()
-    command = gpu.cuda_test_command("python")
-    assert command[:3] == ["python", "-m", "pytest"]
-    for target in gpu.CUDA_TESTS:
-        path, _, name = target.partition("::")
-        assert os.path.exists(os.path.join(ROOT, path)), target
-        if name:
-            with open(os.path.join(ROOT, path)) as file:
-                assert f"def {name}(" in file.read(), target
+    files = gpu.cuda_test_files()
+    for known in ("tests/monitor/test_cuda.py", "tests/families/test_megatron.py",
+                  "tests/callback/test_cuda_lightning.py", "tests/monitor/test_monitor_hooks.py"):  # fmt: skip
+        assert known in files, known
+    # Every test file that asks torch.cuda.is_available() for anything but skipping ON a GPU machine (a test that
+    # needs a machine without one) is in the list.
+    for folder, _, names in os.walk(os.path.join(ROOT, "tests")):
+        for name in names:
+            if name.endswith(".py") and name.startswith("test_"):
+                path = os.path.join(folder, name)
+                with open(path) as file:
+                    text = file.read()
+                asks = text.count("torch.cuda.is_available()") - text.count("skipif(torch.cuda.is_available()")
+                assert (os.path.relpath(path, ROOT) in files) == (asks > 0), path
+    assert "tests/reference/test_cli.py" not in files
+    assert all(os.path.exists(os.path.join(ROOT, f)) for f in files)
+
+
+def test_gpu_script_tests_section_reads_a_real_pytest_run(tmp_path):
+    gpu = _gpu_script()
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "def test_ok():\n    assert 1 + 1 == 2\n"
+        "@pytest.mark.skip(reason='needs a thing')\ndef test_skipped():\n    pass\n"
+    )
+    (tmp_path / "test_broken.py").write_text("def test_bad():\n    assert 1 == 2\n")
+    sample, broken = str(tmp_path / "test_sample.py"), str(tmp_path / "test_broken.py")
+    passed = gpu.run_cuda_tests([sample], timeout=120, allow_skips=True)
+    assert (passed.status, passed.detail) == ("PASS", "1 passed, 0 failed, 1 skipped")
+    assert sorted((t["name"].split("::")[-1], t["outcome"]) for t in passed.results["tests"]) == [
+        ("test_ok", "passed"), ("test_skipped", "skipped")
+    ]  # fmt: skip
+    strict = gpu.run_cuda_tests([sample], timeout=120, allow_skips=False)  # on CUDA nothing may skip
+    assert strict.status == "FAIL" and "needs a thing" in strict.detail
+    failed = gpu.run_cuda_tests([sample, broken], timeout=120, allow_skips=True)
+    assert failed.status == "FAIL" and failed.detail.startswith("1 passed, 1 failed, 1 skipped")
+    # The section as it runs on CUDA (with --tests-k), here on these files; off CUDA it skips.
+    rerun = gpu.tests_section(torch.device("cuda"), left_s=300, later_s=100, keyword="test_ok", files=[sample, broken])
+    assert (rerun.status, rerun.detail) == ("PASS", "1 passed, 0 failed, 0 skipped")
+    assert gpu.tests_section(torch.device("cpu"), left_s=300, later_s=0, files=[sample]).status == "SKIP"
+
+
+def test_gpu_script_leaves_out_a_section_over_its_budget_and_fails(tmp_path, capsys):
+    gpu = _gpu_script()
+    report = tmp_path / "gpu.json"
+    argv = ["--device", "cpu", "--quick", "--sections", "hf,tokens", "--budget", "5", "--json", str(report)]
+    assert gpu.main(argv) == 1
+    sections = json.loads(report.read_text())["sections"]
+    assert {name: entry["status"] for name, entry in sections.items()} == {"hf": "OVER", "tokens": "OVER"}
+    assert "total 0 s; FAILED: hf, tokens" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         gpu.parse_args(["--sections", "tokens,nope"])
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--budget", "0"])
 
 
-@pytest.mark.slow
-def test_gpu_script_runs_quick_on_cpu(capsys):
+
+def test_gpu_script_refuses_cuda_without_a_gpu(capsys, monkeypatch):
+    # Not a skip on a GPU machine: gpu.py's tests section allows no skip there.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _gpu_script().main(["--device", "cuda", "--quick"]) == 1
+    assert "sees no CUDA device" in capsys.readouterr().out
+
+
+def test_gpu_script_judges_the_two_dispatches_by_their_first_loss():
     gpu = _gpu_script()
-    torch.manual_seed(0)
-    assert gpu.main(["--device", "cpu", "--quick"]) == 0
-    out = capsys.readouterr().out
-    for line in ("tiny     loop", "tiny     grouped", "every50", "naive", "skipped: not on a CUDA device",
-                 "PASS: counts equal a top-k of output_router_logits", "all checks passed"):
-        assert line in out, line
+    rows = [dict(preset="base", dispatch=d, tokens_per_s=2e6, first_loss=6.0) for d in ("loop", "grouped")]
+    assert gpu.judge_tokens(rows).status == "PASS"
+    off = [rows[0], {**rows[1], "first_loss": 6.0 * (1 + 2 * gpu.LOSS_TOLERANCE)}]
+    assert gpu.judge_tokens(off).status == "FAIL"
+    assert gpu.judge_tokens([rows[0], {**rows[1], "first_loss": float("nan")}]).status == "FAIL"
 
 
 def test_set_dispatch_reaches_every_moe_layer():
