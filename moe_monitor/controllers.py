@@ -24,6 +24,12 @@ that knob alone from then on; its metrics stop reporting the knob's value and co
 
 Every decision comes from the window snapshot (already reduced across processes) or, for the per-step expert
 bias, from counts all-reduced on the device, so every process applies the same change.
+
+Pipeline parallelism: a controller turns only the knobs of the routers on its own process (``monitor.layers``),
+deciding from the snapshot of every layer. A layer another stage holds is not a knob this process lost: it warns
+nothing and emits no ``knob_lost``. A controller's own :meth:`~Controller.metrics` (``active_knobs`` included) and
+control events are its process's; :func:`share_across_stages` (the ``Watcher`` calls it at every window) gathers
+them from every stage, so the dashboards and every process's event history cover every stage's knobs.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +89,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _layers(monitor: Any) -> list[Any]:
+    """The monitor's routers on this process: none on a pipeline stage without MoE layers, whose monitor still
+    has the other stages' layers in its layout."""
     layers = list(getattr(monitor, "layers", []))
-    if not layers:
+    if not layers and not getattr(monitor, "layer_names", None):
         raise ValueError("the monitor has no router layers; build the controller's monitor with RouterMonitor(model).")
     return layers
 
@@ -771,10 +779,15 @@ class ExpertBiasController(Controller):
         return [(i, knob.refs[0].get(self._model)) for i, knob in enumerate(self.knobs) if self._verify(knob, step)]
 
     def on_train_step(self, monitor: Any, step: int) -> None:
-        """Applies one step's update to every layer's bias (device ops only, no host sync)."""
+        """Applies one step's update to every layer's bias (device ops only, no host sync).
+
+        Across processes the step's counts are all-reduced even where no bias is left to update (a pipeline stage
+        without routers, knobs lost on this process only): the collective must not depend on what one process holds.
+        """
         self._step = step
         biases = self._biases()
-        if not biases:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not biases and not distributed:
             return
         counts_LE = monitor.window_counts("train")
         prev_LE = self._prev_counts_LE
@@ -786,11 +799,14 @@ class ExpertBiasController(Controller):
             step_counts_LE = torch.where(restarted_L1, counts_LE, counts_LE - prev_LE)
         # A fresh tensor: the live window view must stay untouched (and the collective needs a contiguous one).
         self._prev_counts_LE = counts_LE.clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed:
             torch.distributed.all_reduce(step_counts_LE, group=monitor.process_group)
+        rows = getattr(monitor, "rows", None)
         with torch.no_grad():
             for i, bias_E in biases:
-                count_E = step_counts_LE[i, : self.knobs[i].size].to(bias_E.device, torch.float32)
+                # The knobs follow monitor.layers; their counts sit in the layer's snapshot row.
+                row = i if rows is None else rows[i]
+                count_E = step_counts_LE[row, : self.knobs[i].size].to(bias_E.device, torch.float32)
                 bias_E.add_(torch.sign(count_E.mean() - count_E).to(bias_E.dtype), alpha=self.rate)
                 bias_E.sub_(bias_E.mean())
         self.updates += 1
@@ -857,6 +873,66 @@ class ExpertBiasController(Controller):
                 saved = state.get("bias", {}).get(self.knobs[i].label)
                 if saved is not None:
                     bias_E.copy_(torch.as_tensor(saved).to(bias_E.device, bias_E.dtype))
+
+
+def merge_metrics(per_process: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One controller's :meth:`~Controller.metrics` of every process, merged: ``active_knobs`` summed (each process
+    counts its own knobs), every other key the largest value (a per-layer key comes from the one process that holds
+    the layer; ``max_*`` keys are maxima; ``updates`` is the same everywhere).
+
+    Example:
+        >>> stage0 = {"controller/bias/active_knobs": 0.0, "controller/bias/updates": 3.0}  # no routers here
+        >>> stage1 = {"controller/bias/active_knobs": 2.0, "controller/bias/updates": 3.0, "controller/bias/b/max": 0.1}
+        >>> merge_metrics([stage0, stage1])
+        {'controller/bias/active_knobs': 2.0, 'controller/bias/updates': 3.0, 'controller/bias/b/max': 0.1}
+    """
+    merged: dict[str, float] = {}
+    for metrics in per_process:
+        for key, value in metrics.items():
+            if key not in merged:
+                merged[key] = value
+            elif key.endswith("/active_knobs"):
+                merged[key] += value
+            else:
+                merged[key] = max(merged[key], value)
+    return merged
+
+
+def share_across_stages(
+    controllers: Sequence[Controller],
+    monitor: Any,
+    events: Sequence[CollapseEvent],
+    read_metrics: Callable[[Controller], dict[str, float]],
+) -> tuple[list[CollapseEvent], list[dict[str, float]] | None]:
+    """Every pipeline stage's control events and controller metrics of one window, on every process.
+
+    A collective over ``monitor.process_group`` (one ``all_gather_object``) when ``monitor.pipelined``: every
+    process must call it at the same window; otherwise it returns ``(events, None)`` at once.
+
+    Args:
+        controllers: the controllers, the same kinds in the same order on every process.
+        monitor: their :class:`~moe_monitor.monitor.RouterMonitor`.
+        events: this window's events on this process (the detector's, then the controllers').
+        read_metrics: reads one controller's metrics (``{}`` when that fails).
+
+    Returns:
+        The events with every process's control events in process order (the detector's are the same everywhere),
+        and per controller its metrics merged by :func:`merge_metrics` (``None`` when not pipelined).
+
+    Example:
+        >>> from moe_monitor.monitor import RouterMonitor
+        >>> from moe_monitor.reference import MoEConfig, MoETransformer
+        >>> model = MoETransformer(MoEConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, n_experts=4, d_expert=8))
+        >>> share_across_stages([], RouterMonitor(model), [], lambda c: c.metrics())  # one process: nothing to share
+        ([], None)
+    """
+    if not getattr(monitor, "pipelined", False):
+        return list(events), None
+    local = ([e for e in events if e.kind == "control"], [read_metrics(c) for c in controllers])
+    gathered: list[Any] = [None] * torch.distributed.get_world_size(monitor.process_group)
+    torch.distributed.all_gather_object(gathered, local, group=monitor.process_group)
+    shared = [e for e in events if e.kind != "control"] + [e for control, _ in gathered for e in control]
+    return shared, [merge_metrics([metrics[i] for _, metrics in gathered]) for i in range(len(controllers))]
 
 
 CONTROLLERS: dict[str, type[Controller]] = {

@@ -192,7 +192,8 @@ def layer_knobs(model: nn.Module, layer: Any) -> LayerKnobs:
         >>> layer_knobs(model, RouterMonitor(model).layers[0]).noise[1].label
         'blocks.0.moe.router.noise_std'
     """
+    path = getattr(layer, "path", layer.name)  # where the router is in this process's model
     family_knobs = getattr(layer, "meta", {}).get("knobs")
     if family_knobs is not None:
-        return family_knobs(model, layer.name)
-    return generic_knobs(model, layer.name)
+        return family_knobs(model, path)
+    return generic_knobs(model, path)

@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -81,6 +82,11 @@ class RouterMonitor:
     then on) rather than killing the training step.
 
     Distributed: every process must call :meth:`collect` for the same phases in the same order (it is a collective).
+    When ``torch.distributed`` is initialised and ``process_group`` has more than one process, construction is a
+    collective too (every process of the group builds its monitor at the same point): the processes agree on one
+    layer layout, the union of their routers (see :func:`agree_layers`), so pipeline stages holding different
+    layers, or none, reduce into one snapshot of every layer. Each process counts only the rows of its own routers;
+    the others stay zero and the ``all_reduce`` sums them.
 
     ``torch.compile``: the hooks trace without a graph break (``fullgraph=True`` works). Recomputes stay uncounted
     when compiled modules run inside an eager ``torch.utils.checkpoint``, and when checkpointing inside a compiled
@@ -108,13 +114,18 @@ class RouterMonitor:
             group".
 
     Attributes:
-        layers: the monitored routers, in model order.
+        layers: the routers monitored on this process, in model order (empty on a pipeline stage without one).
+        rows: the snapshot row of each entry of ``layers`` (its position in :attr:`layer_names`).
+        pipelined: whether some process of the group holds other layers than the whole layout (pipeline stages);
+            the same on every process. ``False`` on one process and for data-parallel replicas of one model.
         history: the :class:`~moe_monitor.history.History` of closed windows.
         process_group: the group given (``None``: the default group); controllers reduce over it too.
 
     Raises:
-        NoRoutersFoundError: the model has no recognisable router; the message says how to register one.
-        ValueError: an argument is out of range.
+        NoRoutersFoundError: the model has no recognisable router (with a process group of several processes: none
+            of them has one); the message says how to register one.
+        ValueError: an argument is out of range; or, across a process group, the processes disagree on the layers
+            (see :func:`agree_layers`) or the setup failed on another process.
         FileExistsError: ``history_dir`` holds another run's history (see :meth:`History.open`).
 
     Example:
@@ -146,21 +157,19 @@ class RouterMonitor:
             raise ValueError(f"capacity_factors must be positive numbers, got {capacity_factors!r}")
         if not (isinstance(coactivation, bool) or coactivation == "auto"):
             raise ValueError(f"coactivation={coactivation!r} is not valid; choose True, False or 'auto'")
-        self.layers: list[RouterLayer] = discover(model, routers)
         self.process_group = process_group
+        self.layers, (names, num_experts, top_k), self.pipelined = _discover_agreed(model, routers, process_group)
+        row_of = {name: row for row, name in enumerate(names)}
+        self.rows: list[int] = [row_of[layer.name] for layer in self.layers]
         auto = coactivation == "auto"
+        # Per snapshot row: from the agreed layout alone, so every process packs the same columns.
         self._coactivation = [
-            layer.top_k >= 2 and (coactivation is True or (auto and layer.num_experts <= COACTIVATION_MAX_EXPERTS))
-            for layer in self.layers
+            k >= 2 and (coactivation is True or (auto and e <= COACTIVATION_MAX_EXPERTS))
+            for e, k in zip(num_experts, top_k)
         ]
-        self.layout = Layout(max(layer.num_experts for layer in self.layers), any(self._coactivation), capacity_factors)
-        self.history = History(
-            [layer.name for layer in self.layers],
-            [layer.num_experts for layer in self.layers],
-            [layer.top_k for layer in self.layers],
-            capacity_factors,
-            keep_windows,
-        )
+        self.layout = Layout(max(num_experts), any(self._coactivation), capacity_factors)
+        self.history = History(names, num_experts, top_k, capacity_factors, keep_windows)
+        self._model = weakref.ref(model)
         if history_dir is not None:
             self.history.open(history_dir)
         self._windows: dict[str, dict[torch.device, torch.Tensor]] = {}
@@ -172,9 +181,16 @@ class RouterMonitor:
         self._advice = [_advice(layer) for layer in self.layers]
         self._handles = [layer.module.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(self.layers)]
 
+    @property
+    def layer_names(self) -> list[str]:
+        """Every layer of the snapshots, in the agreed order (this process's :attr:`layers` and, across a process
+        group, the other processes' too)."""
+        return self.history.layer_names
+
     # ----------------------------------------------------------------------------------------------- hot path
     def _make_hook(self, index: int):
         layer = self.layers[index]
+        row = self.rows[index]
         counterfactual = bool(self.layout.capacity_factors)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -191,7 +207,7 @@ class RouterMonitor:
                         forward_update
                         if compiling
                         else functools.partial(
-                            forward_update, out_F=self._buffer(phase, routing.expert_idx_A.device)[index]
+                            forward_update, out_F=self._buffer(phase, routing.expert_idx_A.device)[row]
                         )
                     )
                     update_F = update(
@@ -202,7 +218,7 @@ class RouterMonitor:
                         routing.expert_idx_A.numel() // max(routing.num_tokens, 1),
                         self.layout,
                         mask_T=self._mask_for(routing.num_tokens, routing.expert_idx_A.device),
-                        coactivation=self._coactivation[index],
+                        coactivation=self._coactivation[row],
                         counterfactual=counterfactual
                         and dropless
                         and routing.kept_A is None
@@ -212,7 +228,7 @@ class RouterMonitor:
                     )
                     if compiling:
                         # The row form: a compiled graph scales the update by the opaque forward weight.
-                        self._buffer(phase, update_F.device)[index].add_(update_F * _forward_weight(update_F))
+                        self._buffer(phase, update_F.device)[row].add_(update_F * _forward_weight(update_F))
             except Exception as error:  # noqa: BLE001 - the monitor must never kill the step it watches
                 self._disable(index, error)
 
@@ -236,9 +252,13 @@ class RouterMonitor:
             # A buffer first touched by a validation forward under inference mode (Lightning's default) must still
             # be a normal tensor, or resetting it in collect() would fail outside inference mode.
             with torch.inference_mode(False):
-                buffer = torch.zeros(len(self.layers), self.layout.width, dtype=_buffer_dtype(device), device=device)
+                buffer = self._zeros(device)
             window[device] = buffer
         return buffer
+
+    def _zeros(self, device: torch.device) -> torch.Tensor:
+        """An empty ``[L, F]`` window: every agreed layer, this process's rows and the others'."""
+        return torch.zeros(len(self.layer_names), self.layout.width, dtype=_buffer_dtype(device), device=device)
 
     def _mask_for(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:
         mask_T = self._mask_T
@@ -302,8 +322,9 @@ class RouterMonitor:
     def window_counts(self, phase: str = "train") -> torch.Tensor:
         """Assignments per expert of the open window, ``float64 [L, E]``, on the routers' device, no host sync.
 
-        Local to this process and not reduced (for per-step controllers that act on local counts). With all
-        routers on one device this is a live view of the counters: it is reset to zero by :meth:`collect`.
+        Local to this process and not reduced (for per-step controllers that act on local counts): the rows of
+        layers held by other processes (:attr:`layer_names` beyond :attr:`rows`) are zero. With all routers on one
+        device this is a live view of the counters: it is reset to zero by :meth:`collect`.
 
         Example:
             >>> monitor = RouterMonitor(nn.Sequential(nn.Linear(4, 2)), routers=[RouterSpec(name="0", top_k=1)])
@@ -345,7 +366,10 @@ class RouterMonitor:
             buffer.zero_()
 
     def _home_device(self) -> torch.device:
-        module = self.layers[0].module
+        # A pipeline stage without routers keeps its (zero) window where its model is, e.g. for NCCL's device.
+        module = self.layers[0].module if self.layers else self._model()
+        if module is None:
+            return torch.device("cpu")
         tensor = next(module.parameters(), None)
         if tensor is None:
             tensor = next(module.buffers(), None)
@@ -359,11 +383,11 @@ class RouterMonitor:
             total = buffers[0] if len(buffers) == 1 else torch.stack([b.to(buffers[0].device) for b in buffers]).sum(0)
         else:
             device = self._home_device()
-            total = torch.zeros(len(self.layers), self.layout.width, dtype=_buffer_dtype(device), device=device)
+            total = self._zeros(device)
         if self._disabled:
             # Reduced with everything else, so that a layer disabled on one process is NaN on every process and
             # decisions taken from the statistics stay the same everywhere.
-            total[sorted(self._disabled), self.layout.scalar("disabled")] = 1.0
+            total[sorted(self.rows[i] for i in self._disabled), self.layout.scalar("disabled")] = 1.0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_backend(self.process_group) == "nccl" and total.device.type != "cuda":
                 total = total.to(torch.device("cuda", torch.cuda.current_device()))
@@ -492,7 +516,122 @@ class RouterMonitor:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"RouterMonitor({len(self.layers)} routers: {[layer.name for layer in self.layers][:4]}...)"
+        held = "" if len(self.layers) == len(self.layer_names) else f", {len(self.layers)} on this process"
+        return f"RouterMonitor({len(self.layer_names)} routers{held}: {self.layer_names[:4]}...)"
+
+
+LayerRecord = tuple[str, int, int]
+"""``(name, num_experts, top_k)`` of one router, as the processes of a group exchange them at construction."""
+
+
+def agree_layers(
+    records: Sequence[Sequence[LayerRecord]], ranks: Sequence[int] | None = None
+) -> tuple[list[str], list[int], list[int]]:
+    """The one layer layout of a process group: the union of every process's routers, in a deterministic order.
+
+    Processes come in group order, each one's routers in model order; a name already seen is the same layer on
+    another process (a data-parallel replica of a pipeline stage) and keeps its first place. So pipeline stages
+    ``[0-1]`` and ``[2-3]`` give ``[0, 1, 2, 3]``, and a stage without routers adds nothing.
+
+    Args:
+        records: per process of the group, its routers as ``(name, num_experts, top_k)``.
+        ranks: the global rank of each process, for messages (default: ``0, 1, ...``).
+
+    Returns:
+        ``(names, num_experts, top_k)`` of every layer, in the agreed order (empty when no process has a router).
+
+    Raises:
+        ValueError: one name has another expert count or top-k on another process; or two processes share some
+            router names but not all (stages whose layers are named alike, e.g. each stage's local ``layers.0``:
+            their counts would be summed into one layer).
+
+    Example:
+        >>> stage0, stage1 = [("blocks.0", 8, 2), ("blocks.1", 8, 2)], [("blocks.2", 8, 2)]
+        >>> agree_layers([stage0, stage1, [], stage0, stage1])[0]  # two data-parallel replicas, one empty stage
+        ['blocks.0', 'blocks.1', 'blocks.2']
+        >>> try:
+        ...     agree_layers([stage0, [("blocks.0", 8, 2)]])
+        ... except ValueError as error:
+        ...     print(str(error).split(" (")[0])
+        processes 0 and 1 both hold router 'blocks.0' but not the same routers
+    """
+    ranks = list(range(len(records))) if ranks is None else list(ranks)
+    first: dict[str, tuple[int, LayerRecord]] = {}  # name -> (position in records, its record there)
+    for position, rank_records in enumerate(records):
+        names = [name for name, _, _ in rank_records]
+        for record in rank_records:
+            name = record[0]
+            if name not in first:
+                first[name] = (position, record)
+                continue
+            other, seen = first[name]
+            if seen[1:] != record[1:]:
+                raise ValueError(
+                    f"router {name!r} has {seen[1]} experts, top-{seen[2]} on process {ranks[other]} "
+                    f"but {record[1]} experts, top-{record[2]} on process {ranks[position]}. One name is one layer on "
+                    "every process of the monitor's process group: give layers of different pipeline stages "
+                    "different names (their global layer index), or pass a process_group= that holds only "
+                    "replicas of one stage."
+                )
+            other_names = [n for n, _, _ in records[other]]
+            if other_names != names:
+                raise ValueError(
+                    f"processes {ranks[other]} and {ranks[position]} both hold router {name!r} but not "
+                    f"the same routers ({other_names[:4]} vs {names[:4]}), so their counts would be summed into "
+                    "layers that are not the same. Name each router by its global layer (e.g. keep the blocks in an "
+                    "nn.ModuleDict keyed by the global layer index, as torchtitan does) so pipeline stages never "
+                    "share a name, or pass a process_group= that holds only replicas of one stage."
+                )
+    layers = sorted(first.values(), key=lambda item: item[0])
+    return [r[0] for _, r in layers], [r[1] for _, r in layers], [r[2] for _, r in layers]
+
+
+def _group_size(process_group: Any) -> int:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def _discover_agreed(
+    model: nn.Module, routers: Sequence[str | nn.Module | RouterSpec] | None, process_group: Any
+) -> tuple[list[RouterLayer], tuple[list[str], list[int], list[int]], bool]:
+    """This process's routers, the layout every process of the group agrees on (one ``all_gather_object``), and
+    whether some process holds other layers than the whole layout."""
+    if _group_size(process_group) <= 1:
+        local = discover(model, routers)
+        return local, agree_layers([_records(local)]), False
+    dist = torch.distributed
+    failure: Exception | None = None
+    try:
+        local = discover(model, routers)
+    except Exception as error:  # noqa: BLE001 - the other processes must hear of it, or they wait in the gather
+        local, failure = [], error
+    # (whether it is "no router here", what it says): a stage without routers is fine, any other error is not.
+    report = None
+    if failure is not None:
+        report = (isinstance(failure, NoRoutersFoundError), f"{type(failure).__name__}: {failure}")
+    gathered: list[Any] = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(gathered, (_records(local), report), group=process_group)
+    ranks = dist.get_process_group_ranks(process_group if process_group is not None else dist.group.WORLD)
+    if failure is not None and not isinstance(failure, NoRoutersFoundError):
+        raise failure
+    for rank, (_, other) in zip(ranks, gathered):
+        if other is not None and not other[0]:
+            raise ValueError(
+                f"the RouterMonitor setup failed on process {rank} of the process group ({other[1]}); "
+                "every process stops here rather than wait for it. Fix the error that process reports."
+            )
+    layout = agree_layers([records for records, _ in gathered], ranks)
+    if not layout[0]:
+        # No process of the group has a router: every one raises its own (the same kind of) error.
+        assert failure is not None
+        raise failure
+    return local, layout, any([name for name, _, _ in records] != layout[0] for records, _ in gathered)
+
+
+def _records(layers: Sequence[RouterLayer]) -> list[LayerRecord]:
+    return [(layer.name, layer.num_experts, layer.top_k) for layer in layers]
 
 
 def _advice(layer: RouterLayer) -> tuple[tuple[str, ...], str]:
@@ -500,12 +639,12 @@ def _advice(layer: RouterLayer) -> tuple[tuple[str, ...], str]:
     and for any other error."""
     mismatch = (
         "; if the router really has ",
-        f" experts, register it with RouterSpec(name={layer.name!r}, num_experts=",
+        f" experts, register it with RouterSpec(name={layer.path!r}, num_experts=",
         f", top_k={layer.top_k})",
     )
     otherwise = (
         "; if the router's output is not what its adapter expects, register it with your own extraction function: "
-        f"RouterSpec(name={layer.name!r}, num_experts={layer.num_experts}, top_k={layer.top_k}, extract=fn), "
+        f"RouterSpec(name={layer.path!r}, num_experts={layer.num_experts}, top_k={layer.top_k}, extract=fn), "
         "fn(module, args, output) -> moe_monitor.routing.Routing"
     )
     return mismatch, otherwise

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from moe_monitor.controllers import share_across_stages
 from moe_monitor.detect import CollapseDetector, CollapseEvent
 from moe_monitor.detect.events import event_frame, event_from_record, event_record, write_events_csv
 from moe_monitor.faults import Faults
@@ -269,10 +270,14 @@ class Watcher(OptionsAccess):
         if self.detector is not None and not short:
             events += self._safely("run the collapse detector", self.detector.update, snapshot) or []
         detected = list(events)
+        shared = None
         if self._controllers_ready:
             for controller in self.controllers:
                 name = controller_name(controller)
                 events += self._safely(f"run {name}.on_window", controller.on_window, snapshot, detected) or []
+            # Pipeline stages turn different knobs: every process gets every stage's control events and metrics.
+            share = share_across_stages, self.controllers, self.monitor, events, self._read_metrics
+            events, shared = self._safely("share the controllers' window across stages", *share) or (events, None)
         self.events.extend(events)
         self._track(snapshot, events)
         critical = [e for e in events if e.kind == "alert" and e.severity == "critical"]
@@ -282,8 +287,8 @@ class Watcher(OptionsAccess):
                 log.warning("moe_monitor: stopping at step %d on a critical alert: %s", step, critical[0].message)
         if self.is_global_zero:
             metrics = self._scalars(snapshot)
-            for controller in self.controllers:
-                read = self._safely(f"read {controller_name(controller)}.metrics", controller.metrics) or {}
+            for index, controller in enumerate(self.controllers):
+                read = self._read_metrics(controller) if shared is None else shared[index]
                 metrics.update({self._controller_key(key): value for key, value in read.items()})
             # Controllers name per-layer knobs by module path; every dashboard tags layers `L00`, `L01`, ...
             metrics = relabel_controller_metrics(metrics, snapshot.layer_names)
@@ -293,6 +298,9 @@ class Watcher(OptionsAccess):
                     if event.kind == "alert":
                         self._safely("call on_alert", self.options.on_alert, event)
         return events
+
+    def _read_metrics(self, controller: Any) -> dict[str, float]:
+        return self._safely(f"read {controller_name(controller)}.metrics", controller.metrics) or {}
 
     def _track(self, snapshot: Snapshot, events: Sequence[CollapseEvent]) -> None:
         self._latest[snapshot.phase] = snapshot
@@ -448,7 +456,7 @@ class Watcher(OptionsAccess):
         if self.detector is not None:
             self.detector.share_events(self.events)
         # The incidents still open at the checkpoint stay open: the progress bar and the console know them.
-        names = [layer.name for layer in self.monitor.layers]
+        names = self.monitor.layer_names
         self.tracker = IncidentTracker()
         self._safely("track incidents", self.tracker.update, self.events, names)
         if self.console is not None:
@@ -616,12 +624,13 @@ def coactivation_frame(monitor: RouterMonitor, coactivation_LEE: torch.Tensor | 
     if coactivation_LEE is None:
         return None
     rows = []
-    for index, layer in enumerate(monitor.layers):
-        block_EE = coactivation_LEE[index, : layer.num_experts, : layer.num_experts]
+    # Every layer of the snapshots (on a pipeline stage, the other stages' too), not only this process's routers.
+    for index, (name, experts) in enumerate(zip(monitor.layer_names, monitor.history.num_experts)):
+        block_EE = coactivation_LEE[index, :experts, :experts]
         if torch.isnan(block_EE).all():
             continue  # a top-1 layer: no co-activation
         for a, row in enumerate(block_EE.round().long().tolist()):
-            rows += [(layer.name, index, a, b, count) for b, count in enumerate(row)]
+            rows += [(name, index, a, b, count) for b, count in enumerate(row)]
     if not rows:
         return None
     return pd.DataFrame(rows, columns=["layer", "layer_index", "expert_a", "expert_b", "count"])

@@ -100,6 +100,9 @@ class RouterLayer:
             the logits come from, or ``None``), ``"assumed"`` (the generic fallback's guesses).
         live: for routers whose kind and capacity may change between steps (the reference router),
             ``fn(module) -> (kind, dropless)`` read at every forward instead of ``kind`` and ``dropless``.
+        path: the module path in this process's model, where its knobs are looked up; the same as ``name``
+            unless the family names the layer by its place in the whole model (a Megatron-Core pipeline stage's
+            local ``decoder.layers.0`` named by its global layer number).
 
     Example:
         >>> from moe_monitor.families.manual import layers
@@ -118,6 +121,11 @@ class RouterLayer:
     adapter: str = "manual"
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
     live: Callable[[nn.Module], tuple[str, bool]] | None = field(default=None, repr=False)
+    path: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            self.path = self.name
 
 
 def class_path(module: Any) -> set[tuple[str, str]]:
@@ -493,9 +501,9 @@ def expect_forward(model: nn.Module, layer: RouterLayer, advice: Callable[[str, 
         >>> "never ran" in str(caught[0].message), str(caught[0].message).endswith("Register '0' instead.")
         (True, True)
     """
-    if not layer.name:
+    if not layer.path:
         return
-    parent_name = layer.name.rpartition(".")[0]
+    parent_name = layer.path.rpartition(".")[0]
     try:
         parent = model.get_submodule(parent_name)
     except AttributeError:

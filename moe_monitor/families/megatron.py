@@ -17,6 +17,11 @@ Megatron's forward needs CUDA (``gating`` moves a CPU weight to the current CUDA
 
 Knobs: ``config.moe_aux_loss_coeff`` (a float; shared by every layer of one config) and the ``expert_bias`` buffer
 (``moe_router_enable_expert_bias``).
+
+Names: under pipeline parallelism every stage numbers its own layers from 0 (``decoder.layers.0`` on each stage), but
+each ``TransformerLayer`` carries its global ``layer_number`` (1-based, offset by the stage) and hands it to its
+router. A router is named by it, ``decoder.layers.<layer_number - 1>.mlp.router``: the name it has in the whole model,
+unique across stages; its module path on the stage stays in ``RouterLayer.path`` (where its knobs are looked up).
 """
 
 from __future__ import annotations
@@ -109,8 +114,48 @@ def describe(name: str, module: nn.Module, model: nn.Module) -> RouterLayer | No
     stash = MethodStash(module, "gating")
     meta = {"knobs": knobs, "logits": "gating() result", "probs": module.score_function}
     return RouterLayer(
-        name, module, int(module.num_experts), int(module.topk), _extract(stash), "token_choice", dropless, NAME, meta
+        global_name(name, module, model),
+        module,
+        int(module.num_experts),
+        int(module.topk),
+        _extract(stash),
+        "token_choice",
+        dropless,
+        NAME,
+        meta,
+        path=name,
     )
+
+
+def global_name(name: str, router: nn.Module, model: nn.Module) -> str:
+    """``name`` with the index of its ``TransformerLayer`` (``...layers.<i>...``) replaced by the layer's global index.
+
+    Megatron-Core's ``TransformerLayer`` sets ``layer_number`` (1-based, plus its pipeline stage's offset) and passes it
+    to its router (``set_layer_number``). Only the nearest ``layers.<i>`` ancestor that is that ``TransformerLayer`` is
+    renamed: a router outside one (e.g. in a multi-token-prediction layer) keeps its path.
+
+    Example:
+        >>> router = nn.Module()
+        >>> router.layer_number = 5
+        >>> global_name("decoder.layers.0.mlp.router", router, nn.Module())  # no TransformerLayer there: unchanged
+        'decoder.layers.0.mlp.router'
+    """
+    number = getattr(router, "layer_number", None)
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+        return name
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1] != "layers" or not parts[i].isdigit():
+            continue
+        try:
+            holder = model.get_submodule(".".join(parts[: i + 1]))
+        except AttributeError:
+            return name
+        if is_instance_of(holder, _LIBRARY, ("TransformerLayer",)) and getattr(holder, "layer_number", None) == number:
+            parts[i] = str(number - 1)
+            return ".".join(parts)
+        return name
+    return name
 
 
 def discover(model: nn.Module) -> list[RouterLayer]:
