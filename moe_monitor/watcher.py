@@ -203,9 +203,37 @@ class Watcher(OptionsAccess):
             self.monitor.history.recent_only()
         self._controllers_ready = False
         if control:
+            self._setup_controllers(model)
+            self._controllers_ready = True
+
+    def _setup_controllers(self, model: nn.Module) -> None:
+        """Sets every controller up. On pipeline stages (each holds other knobs) a setup error of one stage is
+        raised on every process of the group, by one ``all_gather_object``, rather than leaving the others to wait
+        for it in the first collective."""
+        failure: Exception | None = None
+        try:
             for controller in self.controllers:
                 controller.setup(model, self.monitor)
-            self._controllers_ready = True
+        except Exception as error:  # noqa: BLE001 - the other stages must hear of it, or they wait for this one
+            if not self.monitor.pipelined:
+                raise
+            failure = error
+        if not self.monitor.pipelined:
+            return
+        dist = torch.distributed
+        group = self.monitor.process_group
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        report = None if failure is None else f"{type(failure).__name__}: {failure}"
+        dist.all_gather_object(gathered, report, group=group)
+        if failure is not None:
+            raise failure
+        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        for rank, report in zip(ranks, gathered):
+            if report is not None:
+                raise ValueError(
+                    f"a controller's setup failed on process {rank} of the process group ({report}); every "
+                    "pipeline stage stops here rather than wait for it. Fix the error that process reports."
+                )
 
     # --------------------------------------------------------------------------------------------- the loop
     @property

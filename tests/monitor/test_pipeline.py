@@ -254,6 +254,13 @@ def test_two_stages_times_two_data_parallel_replicas_sum_the_replicas():
     _check(results, TWO_STAGES)
 
 
+def _watcher(model: nn.Module):
+    from moe_monitor import Watcher
+    from moe_monitor.controllers import ExpertBiasController
+
+    return Watcher(model, controllers=[ExpertBiasController()], sinks=())
+
+
 def _setup_error_worker(rank: int, world: int, port: int, results) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -268,6 +275,8 @@ def _setup_error_worker(rank: int, world: int, port: int, results) -> None:
         "experts": lambda: RouterMonitor(tiny(n_layers=1, n_experts=4 + 4 * rank)),
         "nowhere": lambda: RouterMonitor(nn.Sequential(nn.Linear(4, 4), nn.ReLU())),
         "one_rank_fails": lambda: RouterMonitor(tiny(n_layers=1), routers=["blocks.0.moe.nope"] if rank else None),
+        # Stage 0 has a router without an expert bias, stage 1 no router: only stage 0's controller setup fails.
+        "controller": lambda: _watcher(tiny(n_layers=1) if rank == 0 else nn.Sequential(nn.Linear(4, 4))),
     }
     out = {}
     try:
@@ -296,6 +305,9 @@ def test_setup_errors_are_raised_on_every_process_instead_of_a_hang():
     kind, text = results[0]["one_rank_fails"]
     assert kind == "ValueError"
     assert "setup failed on process 1 of the process group (ValueError: No module named" in text
+    assert "ExpertBiasController" in results[0]["controller"][1]  # its own error
+    kind, text = results[1]["controller"]
+    assert kind == "ValueError" and "a controller's setup failed on process 0 of the process group" in text
 
 
 def test_the_layout_is_the_union_in_stage_order_with_replicas_counted_once():
