@@ -15,6 +15,7 @@ when ``minlength`` is given; ``index_add_`` into a fixed-size buffer does not.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any
@@ -299,13 +300,17 @@ def _update(
 
     sums_S = torch.zeros(col.width, dtype=torch.float32, device=device)
     # Rows, not columns, per token quantity: a compiled graph accepts only contiguous out= tensors.
-    work_CT = torch.empty(col.per_token.stop - col.per_token.start, num_tokens, dtype=torch.float32, device=device)
+    rows = col.per_token.stop - col.per_token.start
+    chunk = max(1, min(num_tokens, CHUNK_ELEMENTS // e))
+    scratch = _scratch(rows * num_tokens + (3 * num_tokens + 2 * chunk * e if has_probs else 0), device)
+    work_CT = scratch[: rows * num_tokens].view(rows, num_tokens)
     # Per-token weight of every sum: the padding mask, times 1 for a finite token (0 for a non-finite one, whose
     # values the statistics below leave finite, so that 0 times them is 0); None when every weight is 1.
     mask_T = None if mask_T is None else mask_T.to(device, torch.float32)
     weight_T = mask_T
     if has_probs:
-        weight_T = _router_statistics(logits_TE, probs_TE, weight_T, col, work_CT, sums_S)
+        statistics_scratch = scratch[rows * num_tokens :]
+        weight_T = _router_statistics(logits_TE, probs_TE, weight_T, col, work_CT, sums_S, statistics_scratch, chunk)
     else:
         work_CT[col.work("valid")].fill_(1.0)
 
@@ -383,9 +388,12 @@ def _router_statistics(
     col: WorkColumns,
     work_CT: torch.Tensor,
     sums_S: torch.Tensor,
+    scratch: torch.Tensor,
+    chunk: int,
 ) -> torch.Tensor:
     # Fills the valid, top1, entropy and z rows of work_CT, adds the probability sums and the entropy terms to
-    # sums_S, and returns the per-token weight of the sums, 0 for a non-finite token.
+    # sums_S, and returns the per-token weight of the sums, 0 for a non-finite token. The token chunks have
+    # `chunk` tokens; scratch holds 3 * T + 2 * chunk * E floats of work space.
     #
     # A token with a NaN or +inf logit (or a non-finite probability) is counted apart and masked out of every
     # statistic. A -inf logit is a legitimate mask (an expert the router may not choose, e.g. group-limited
@@ -401,12 +409,9 @@ def _router_statistics(
     # and its S, at least 1 for every finite token (the max's own e is exactly 1), is clamped to 1: every value of
     # such a token is finite, it adds nothing to the products, and its weight 0 removes it from the rest.
     num_tokens, e = (logits_TE if logits_TE is not None else probs_TE).shape
-    device = work_CT.device
-    chunk = max(1, min(num_tokens, CHUNK_ELEMENTS // e))
-    shifted_XE = torch.empty(chunk, e, dtype=torch.float32, device=device)
-    exp_XE = torch.empty(chunk, e, dtype=torch.float32, device=device)
-    max_T, sumexp_T, psum_T = torch.empty(3, num_tokens, dtype=torch.float32, device=device)
-    ones_E = torch.ones(e, dtype=torch.float32, device=device)
+    max_T, sumexp_T, psum_T = scratch[: 3 * num_tokens].view(3, num_tokens)
+    shifted_XE, exp_XE = scratch[3 * num_tokens : 3 * num_tokens + 2 * chunk * e].view(2, chunk, e)
+    ones_E = torch.ones(e, dtype=torch.float32, device=scratch.device)
     probs_E, terms_E = sums_S[col.probs], sums_S[col.entropy_terms]
     valid_T, top1_T, entropy_T = (work_CT[col.work(name)] for name in ("valid", "top1", "entropy"))
     # -1 / log E: the entropy terms enter the normalised entropy with a minus sign.
@@ -436,17 +441,18 @@ def _router_statistics(
             torch.amax(p_NE, dim=-1, out=top1_X)
             # p log p as p log(max(p, tiny)): exactly 0 for p = 0, where xlogy costs many times more on the CPU.
             terms_NE = torch.clamp_min(p_NE, torch.finfo(torch.float32).tiny, out=exp_NE).log_().mul_(p_NE)
-            finite_X = torch.isfinite(psum_X)
-            weight_X = finite_X if x_XE is None else finite_X & torch.isfinite(max_X)
-            weight_X = weight_X.to(torch.float32) if w_X is None else weight_X * w_X
+            weight_X = torch.sub(psum_X, psum_X).eq_(0.0)  # 1 for a finite row sum, 0 otherwise (see below)
+            weight_X = weight_X if x_XE is None else weight_X.mul_(torch.sub(max_X, max_X).eq_(0.0))
+            weight_X = weight_X if w_X is None else weight_X.mul_(w_X)
         probs_E.addmv_(p_NE.T, weight_X)
         terms_E.addmv_(terms_NE.T, weight_X, alpha=scale)
 
-    # The per-token rows, over all the tokens at once.
-    finite_T = None if logits_TE is None else torch.isfinite(max_T)
-    if probs_TE is not None:
-        finite_T = torch.isfinite(psum_T) if finite_T is None else finite_T & torch.isfinite(psum_T)
-    valid_T.copy_(finite_T)
+    # The per-token rows, over all the tokens at once. x - x is 0 exactly for a finite x and NaN for the others:
+    # two ops where isfinite costs four.
+    finite_T = max_T if logits_TE is not None else psum_T
+    torch.sub(finite_T, finite_T, out=valid_T).eq_(0.0)
+    if logits_TE is not None and probs_TE is not None:
+        valid_T.mul_(torch.sub(psum_T, psum_T).eq_(0.0))
     log_sumexp_T = None if logits_TE is None else sumexp_T.log_()
     if probs_TE is None:
         torch.mul(log_sumexp_T, -scale, out=entropy_T)
@@ -455,6 +461,23 @@ def _router_statistics(
     if logits_TE is not None:
         torch.square(max_T.nan_to_num_(0.0, 0.0, 0.0).add_(log_sumexp_T), out=work_CT[col.work("z")])
     return valid_T if weight_T is None else valid_T * weight_T
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    # The hook's fp32 work space, [numel]. On the CPU one buffer per thread, grown to the largest forward seen and
+    # reused by every layer: allocating the chunk buffers afresh costs an mmap and its page faults per forward
+    # there (they are over glibc's mmap threshold). CUDA's and MPS's caching allocators make a fresh tensor cheap
+    # (and keep it ordered with the stream), and a compiled graph must not capture a tensor from outside.
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):  # a buffer first made under inference mode could not be reused outside
+            buffer = _SCRATCH.buffer = torch.empty(numel, dtype=torch.float32)
+    return buffer[:numel]
 
 
 def _rows(values_TE: torch.Tensor, num_tokens: int) -> torch.Tensor:
