@@ -60,13 +60,15 @@ class WorkColumns:
     here, and :meth:`Layout._scatter` files each entry under the window field given here, so the hook and the
     scatter share this one table instead of two sets of offsets.
 
-    Entries: ``dispatch`` ``[E]`` (assignments per expert, added from the assignment indices), with router
-    probabilities ``probs`` ``[E]`` (the probability sums) and ``entropy_terms`` ``[E]`` (per expert, the
-    ``-p log p`` part of the normalised entropy not held per token; all ``E`` add to ``entropy_sum``), each one
-    product per token chunk; then the sums of the per-token rows of the forward's ``[C, T]`` work matrix
-    (``per_token``; one product sums them all): ``valid`` (1 for a finite token), ``unrouted`` (1 when no expert
-    selected the token; only when counted), with probabilities ``top1`` | ``entropy`` (the normalised entropy's
-    per-token part), and with logits ``z`` (``logsumexp**2``).
+    Entries: ``dispatch`` ``[E]`` (assignments per expert), with router probabilities ``probs`` ``[E]`` (the
+    probability sums) and ``entropy_terms`` ``[E]`` (per expert, the ``-p log p`` part of the normalised entropy
+    not held per token; all ``E`` add to ``entropy_sum``), each one product per token chunk; then the sums of the
+    per-token rows of the forward's ``[C, T]`` work matrix (``per_token``; one product sums them all): with
+    ``dispatch_rows`` the ``E`` dispatch rows (how often the token chose each expert: the co-activation product
+    needs them, and the counts then come with the other sums), ``valid`` (1 for a finite token), ``unrouted`` (1
+    when no expert selected the token; only when counted), with probabilities ``top1`` | ``entropy`` (the
+    normalised entropy's per-token part), and with logits ``z`` (``logsumexp**2``). Without ``dispatch_rows`` the
+    counts are added from the assignment indices into the first block.
 
     Example:
         >>> columns = WorkColumns(num_experts=3, has_probs=True, has_logits=False)
@@ -74,22 +76,28 @@ class WorkColumns:
         (13, slice(3, 6, None), slice(11, 12, None), slice(9, 13, None))
         >>> columns.work("top1"), columns.sums[:3]
         (2, (('dispatch', 'counts'), ('valid', 'tokens'), ('unrouted', 'unrouted_tokens')))
+        >>> WorkColumns(3, True, False, dispatch_rows=True).work("valid")
+        3
     """
 
-    def __init__(self, num_experts: int, has_probs: bool, has_logits: bool, unrouted: bool = True) -> None:
+    def __init__(
+        self, num_experts: int, has_probs: bool, has_logits: bool, unrouted: bool = True, dispatch_rows: bool = False
+    ) -> None:
         e = num_experts
-        self.dispatch = slice(0, e)
-        self.probs = slice(e, 2 * e) if has_probs else None
-        self.entropy_terms = slice(2 * e, 3 * e) if has_probs else None
-        first = 3 * e if has_probs else e
+        first = 0 if dispatch_rows else e
+        self.probs = slice(first, first + e) if has_probs else None
+        self.entropy_terms = slice(first + e, first + 2 * e) if has_probs else None
+        first += 2 * e if has_probs else 0
+        self.dispatch = slice(first, first + e) if dispatch_rows else slice(0, e)
         names = ("valid",) + (("unrouted",) if unrouted else ()) + (("top1", "entropy") if has_probs else ())
         names += ("z",) if has_probs and has_logits else ()
-        self.per_token = slice(first, first + len(names))
+        rows0 = first + (e if dispatch_rows else 0)
+        self.per_token = slice(first, rows0 + len(names))
         for name in ("valid", "unrouted", "top1", "entropy", "z"):
-            column = first + names.index(name) if name in names else None
-            setattr(self, name, None if column is None else slice(column, column + 1))
+            row = rows0 + names.index(name) if name in names else None
+            setattr(self, name, None if row is None else slice(row, row + 1))
         self.width = self.per_token.stop
-        self.key = (e, has_probs, has_logits, unrouted)
+        self.key = (e, has_probs, has_logits, unrouted, dispatch_rows)
         # (entry, window field): the field each sum is added to.
         sums = [("dispatch", "counts"), ("valid", "tokens")] + ([("unrouted", "unrouted_tokens")] if unrouted else [])
         if has_probs:
@@ -100,7 +108,7 @@ class WorkColumns:
         self.sums: tuple[tuple[str, str], ...] = tuple(sums)
 
     def work(self, name: str) -> int:
-        """Row of a per-token entry (``valid``, ``unrouted``, ``top1``, ``entropy``, ``z``) in the work matrix."""
+        """First row of a per-token entry (``dispatch``, ``valid``, ``unrouted``, ``top1``, ``entropy``, ``z``)."""
         return getattr(self, name).start - self.per_token.start
 
 
@@ -158,11 +166,12 @@ class Layout:
 
         return self._cached(("rates", fields, top_k, e, device), make)
 
-    def work_columns(self, e: int, has_probs: bool, has_logits: bool, unrouted: bool = True) -> WorkColumns:
+    def work_columns(
+        self, e: int, has_probs: bool, has_logits: bool, unrouted: bool = True, dispatch_rows: bool = False
+    ) -> WorkColumns:
         """The :class:`WorkColumns` of a forward of ``e`` experts (made once per kind of forward)."""
-        return self._cached(
-            ("columns", e, has_probs, has_logits, unrouted), lambda: WorkColumns(e, has_probs, has_logits, unrouted)
-        )
+        key = ("columns", e, has_probs, has_logits, unrouted, dispatch_rows)
+        return self._cached(key, lambda: WorkColumns(e, has_probs, has_logits, unrouted, dispatch_rows))
 
     def field(self, name: str) -> slice:
         """Columns of a window field: ``counts``, ``prob_sum``, ``coact``, ``lost`` or a scalar (one column)."""
@@ -187,7 +196,7 @@ class Layout:
                 source, destination = getattr(columns, entry), self.field(field_name)
                 size, into_one = source.stop - source.start, destination.stop - destination.start == 1
                 pairs += [(source.start + j, destination.start + (0 if into_one else j)) for j in range(size)]
-            offset, e = columns.width, columns.dispatch.stop
+            offset, e = columns.width, columns.dispatch.stop - columns.dispatch.start
             if coactivation:
                 stride = self.num_experts
                 pairs += [(offset + i * e + j, self.coact.start + i * stride + j) for i in range(e) for j in range(e)]
@@ -296,21 +305,23 @@ def _update(
         if values_TE is not None and values_TE.shape[1] != e:
             raise ExpertCountMismatch(values_TE.shape[1], e)
     has_logits, has_probs = logits_TE is not None, logits_TE is not None or probs_TE is not None
-    col = layout.work_columns(e, has_probs, has_logits, unrouted)
+    col = layout.work_columns(e, has_probs, has_logits, unrouted, dispatch_rows=coactivation)
 
     sums_S = torch.zeros(col.width, dtype=torch.float32, device=device)
-    # Rows, not columns, per token quantity: a compiled graph accepts only contiguous out= tensors.
+    # The per-token rows: the work matrix's, then 3 of _router_statistics; rows, not columns, per quantity, as a
+    # compiled graph accepts only contiguous out= tensors. Then the two chunk buffers of _router_statistics.
     rows = col.per_token.stop - col.per_token.start
     chunk = max(1, min(num_tokens, CHUNK_ELEMENTS // e))
-    scratch = _scratch(rows * num_tokens + (3 * num_tokens + 2 * chunk * e if has_probs else 0), device)
-    work_CT = scratch[: rows * num_tokens].view(rows, num_tokens)
+    scratch = _scratch((rows + 3) * num_tokens + (2 * chunk * e if has_probs else 0), device)
+    tokens_RT = scratch[: (rows + 3) * num_tokens].view(rows + 3, num_tokens)
+    work_CT = tokens_RT[:rows]
     # Per-token weight of every sum: the padding mask, times 1 for a finite token (0 for a non-finite one, whose
     # values the statistics below leave finite, so that 0 times them is 0); None when every weight is 1.
     mask_T = None if mask_T is None else mask_T.to(device, torch.float32)
     weight_T = mask_T
     if has_probs:
-        statistics_scratch = scratch[rows * num_tokens :]
-        weight_T = _router_statistics(logits_TE, probs_TE, weight_T, col, work_CT, sums_S, statistics_scratch, chunk)
+        chunks_2XE = scratch[(rows + 3) * num_tokens :].view(2, chunk, e)
+        weight_T = _router_statistics(layout, logits_TE, probs_TE, weight_T, col, tokens_RT, chunks_2XE, sums_S)
     else:
         work_CT[col.work("valid")].fill_(1.0)
 
@@ -320,8 +331,14 @@ def _update(
     expert_idx_A = routing.expert_idx_A
     clamped_A = expert_idx_A.clamp(0, e - 1)
     in_range_A = (clamped_A == expert_idx_A).to(torch.float32)
-    weight_A = in_range_A if weight_T is None else weight_T.index_select(0, routing.token_idx_A) * in_range_A
-    sums_S[col.dispatch].index_add_(0, clamped_A, weight_A)
+    weight_A = None
+    if coactivation:
+        # The [E, T] dispatch rows, which the product below sums with the weights into the counts.
+        dispatch_ET = work_CT[col.work("dispatch") : col.work("dispatch") + e].zero_()
+        dispatch_ET.view(-1).index_add_(0, routing.token_idx_A.add(clamped_A, alpha=num_tokens), in_range_A)
+    else:
+        weight_A = in_range_A if weight_T is None else weight_T.index_select(0, routing.token_idx_A) * in_range_A
+        sums_S[col.dispatch].index_add_(0, clamped_A, weight_A)
     if unrouted:
         # Expert choice leaves tokens no expert picked: routed nowhere, they would otherwise go uncounted.
         work_CT[col.work("unrouted")].zero_().index_add_(0, routing.token_idx_A, in_range_A).eq_(0.0)
@@ -335,10 +352,7 @@ def _update(
     extras = []
     if coactivation:
         # The [E, E] co-selection counts: the token-by-expert choices, weighted, times the unweighted ones.
-        flat_A = routing.token_idx_A.mul(e).add_(clamped_A)
-        chosen_TE = torch.zeros(num_tokens * e, dtype=torch.float32, device=device).index_add_(0, flat_A, in_range_A)
-        weighted_TE = chosen_TE if weight_T is None else torch.zeros_like(chosen_TE).index_add_(0, flat_A, weight_A)
-        values.append((weighted_TE.view(num_tokens, e).T @ chosen_TE.view(num_tokens, e)).view(-1))
+        values.append(((dispatch_ET if weight_T is None else dispatch_ET * weight_T) @ dispatch_ET.T).view(-1))
     if has_probs:
         extras.append("nonfinite_tokens")
         total = num_tokens if mask_T is None else mask_T.sum()
@@ -346,6 +360,8 @@ def _update(
     if routing.kept_A is not None or routing.skipped_A is not None:
         # Assignments that did not run: dropped for capacity (kept_A False) or skipped by a random policy
         # (skipped_A True), per expert into "lost" (kept = counts - lost), with the weights of the counts.
+        if weight_A is None:
+            weight_A = in_range_A if weight_T is None else weight_T.index_select(0, routing.token_idx_A) * in_range_A
         ran_A = weight_A
         if routing.kept_A is not None:
             kept_A = routing.kept_A.reshape(-1)
@@ -382,18 +398,18 @@ CHUNK_ELEMENTS = 1 << 17
 
 
 def _router_statistics(
+    layout: Layout,
     logits_TE: torch.Tensor | None,
     probs_TE: torch.Tensor | None,
     weight_T: torch.Tensor | None,
     col: WorkColumns,
-    work_CT: torch.Tensor,
+    tokens_RT: torch.Tensor,
+    chunks_2XE: torch.Tensor,
     sums_S: torch.Tensor,
-    scratch: torch.Tensor,
-    chunk: int,
 ) -> torch.Tensor:
-    # Fills the valid, top1, entropy and z rows of work_CT, adds the probability sums and the entropy terms to
-    # sums_S, and returns the per-token weight of the sums, 0 for a non-finite token. The token chunks have
-    # `chunk` tokens; scratch holds 3 * T + 2 * chunk * E floats of work space.
+    # Fills the valid, top1, entropy and z rows of the work matrix (the first rows of tokens_RT; its last 3 rows are
+    # work space), adds the probability sums and the entropy terms to sums_S, and returns the per-token weight of
+    # the sums, 0 for a non-finite token. chunks_2XE: the two buffers of a token chunk.
     #
     # A token with a NaN or +inf logit (or a non-finite probability) is counted apart and masked out of every
     # statistic. A -inf logit is a legitimate mask (an expert the router may not choose, e.g. group-limited
@@ -409,16 +425,20 @@ def _router_statistics(
     # and its S, at least 1 for every finite token (the max's own e is exactly 1), is clamped to 1: every value of
     # such a token is finite, it adds nothing to the products, and its weight 0 removes it from the rest.
     num_tokens, e = (logits_TE if logits_TE is not None else probs_TE).shape
-    max_T, sumexp_T, psum_T = scratch[: 3 * num_tokens].view(3, num_tokens)
-    shifted_XE, exp_XE = scratch[3 * num_tokens : 3 * num_tokens + 2 * chunk * e].view(2, chunk, e)
-    ones_E = torch.ones(e, dtype=torch.float32, device=scratch.device)
+    shifted_XE, exp_XE = chunks_2XE
+    chunk = shifted_XE.shape[0]
+    token_rows = tokens_RT.unbind(0)
+    max_T, sumexp_T, psum_T = token_rows[-3:]
+    valid_T, top1_T, entropy_T = (token_rows[col.work(name)] for name in ("valid", "top1", "entropy"))
+    device = tokens_RT.device
+    ones_E = layout._cached(("ones", e, device), lambda: torch.ones(e, dtype=torch.float32, device=device))
     probs_E, terms_E = sums_S[col.probs], sums_S[col.entropy_terms]
-    valid_T, top1_T, entropy_T = (work_CT[col.work(name)] for name in ("valid", "top1", "entropy"))
     # -1 / log E: the entropy terms enter the normalised entropy with a minus sign.
     scale = -1.0 / math.log(e) if e > 1 else 0.0  # one expert: a point mass, entropy 0 of a range of 0
-    # One view per chunk of every per-token vector, each from one split call (a slice per chunk costs more).
+    # One view per chunk of every per-token vector, each from one split call (a slice per chunk costs more); a
+    # forward of one chunk (every forward at a few experts) needs no views at all.
     per_chunk = [
-        repeat(None) if values is None else values.split(chunk)
+        repeat(None) if values is None else (values,) if chunk == num_tokens else values.split(chunk)
         for values in (logits_TE, probs_TE, max_T, sumexp_T, psum_T, top1_T, weight_T)
     ]
     for x_XE, q_XE, max_X, sumexp_X, psum_X, top1_X, w_X in zip(*per_chunk):
@@ -459,7 +479,7 @@ def _router_statistics(
     else:
         entropy_T.zero_()  # given probabilities: all of the entropy is in the terms
     if logits_TE is not None:
-        torch.square(max_T.nan_to_num_(0.0, 0.0, 0.0).add_(log_sumexp_T), out=work_CT[col.work("z")])
+        torch.square(max_T.nan_to_num_(0.0, 0.0, 0.0).add_(log_sumexp_T), out=token_rows[col.work("z")])
     return valid_T if weight_T is None else valid_T * weight_T
 
 
