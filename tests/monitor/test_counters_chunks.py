@@ -156,3 +156,52 @@ def test_forward_with_no_tokens_adds_nothing():
     routing = Routing.from_topk(torch.zeros(0, 2, dtype=torch.long), logits_TE=torch.zeros(0, 4))
     update_F = forward_update(routing, 4, 2, layout, coactivation=True, counterfactual=True)
     assert update_F.abs().sum().item() == 0.0
+
+
+def test_no_tensor_of_the_forward_scales_with_tokens_times_experts(monkeypatch):
+    # Without co-activation the hook's work space is one token chunk of E columns, plus a few values per token.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    num_tokens, e, chunk_tokens = 512, 64, 16
+    monkeypatch.setattr(counters, "CHUNK_ELEMENTS", chunk_tokens * e)
+    logits_TE, idx_TK, _ = _routing_case(num_tokens, e, 4, 0, torch.float32, True, True, False)
+    layout = Layout(num_experts=e, coactivation=False, capacity_factors=(1.0,))
+    routing = Routing.from_topk(idx_TK, logits_TE=logits_TE)
+    mask_T = torch.ones(num_tokens)
+    inputs = {logits_TE.untyped_storage().data_ptr()}
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                    self.largest = max(self.largest, tensor.numel())
+            return out
+
+    forward_update(routing, e, 4, layout, mask_T, counterfactual=True)  # the first call sizes the scratch buffer
+    with Sizes() as sizes:
+        update_F = forward_update(routing, e, 4, layout, mask_T, counterfactual=True)
+    assert update_F[layout.scalar("tokens")].item() == num_tokens - 3
+    # The largest tensor made: the view of the scratch buffer, (5 + 3) rows per token and two chunk buffers.
+    assert sizes.largest <= 8 * num_tokens + 2 * chunk_tokens * e < num_tokens * e // 4
+
+
+def test_scratch_buffer_made_under_inference_mode_serves_later_forwards():
+    # Lightning runs validation under inference mode; a buffer first made there must still be writable after it.
+    layout = Layout(num_experts=4, coactivation=False, capacity_factors=())
+    gen = torch.Generator().manual_seed(2)
+    sizes = (50_000, 7, 90_000)  # a first forward far larger than any before, then a small one, then larger again
+    expected, got = [], []
+    for index, num_tokens in enumerate(sizes):
+        logits_TE = torch.randn(num_tokens, 4, generator=gen)
+        routing = Routing.from_topk(logits_TE.topk(1, -1).indices, logits_TE=logits_TE)
+        with torch.inference_mode(index == 0):
+            update_F = forward_update(routing, 4, 1, layout)
+        got.append(update_F[layout.prob_sum].tolist())
+        expected.append(torch.softmax(logits_TE.double(), -1).sum(0).tolist())
+    for row, reference in zip(got, expected):
+        assert row == pytest.approx(reference, rel=1e-5)
