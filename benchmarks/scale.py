@@ -79,9 +79,16 @@ def _window(step: int, names: list[str], experts: int, generator: torch.Generato
     counts = torch.randint(0, 4096, (layers, experts), generator=generator)
     stats = {name: torch.rand(layers, generator=generator, dtype=torch.float64) for name in STAT_NAMES}
     return Snapshot(
-        step=step, phase="train", layer_names=names, num_experts=[experts] * layers, top_k=[8] * layers,
-        counts=counts, tokens=counts.sum(1) // 8, dropped=torch.zeros(layers, dtype=torch.int64),
-        nonfinite_tokens=torch.zeros(layers, dtype=torch.int64), stats=stats,
+        step=step,
+        phase="train",
+        layer_names=names,
+        num_experts=[experts] * layers,
+        top_k=[8] * layers,
+        counts=counts,
+        tokens=counts.sum(1) // 8,
+        dropped=torch.zeros(layers, dtype=torch.int64),
+        nonfinite_tokens=torch.zeros(layers, dtype=torch.int64),
+        stats=stats,
         extras={"counterfactual_drop@1.0": torch.rand(layers, generator=generator, dtype=torch.float64)},
     )
 
@@ -112,9 +119,7 @@ def bench_history(
                         state = len(pickle.dumps(history.state_dict()))
                         held, peak = tracemalloc.get_traced_memory()
                         files = sum(
-                            os.path.getsize(os.path.join(root, f))
-                            for root, _, fs in os.walk(directory)
-                            for f in fs
+                            os.path.getsize(os.path.join(root, f)) for root, _, fs in os.walk(directory) for f in fs
                         )
                         print(
                             f"{mode:8s} {step:8d} {held / 2**20:8.2f} {peak / 2**20:8.2f} {state / 1024:9.1f} "
@@ -145,10 +150,15 @@ def _counters_of(monitor: RouterMonitor, module):
         monitor.layout, monitor_module.forward_update = layout, saved
 
 
-def bench_hook(repeats: int, tokens: int, baseline: str | None = None) -> None:
+def bench_hook(repeats: int, tokens: int, baseline: str | None = None, interleaved: bool = True) -> None:
     old = None if baseline is None else _load_counters(baseline)
     print(f"\n## hook per router forward, T = {tokens} tokens, fp32 on the CPU (CPU time of this thread, medians)")
-    print("rounds interleave the gate matmul and every hook variant, so that a change in load hits them alike")
+    print(
+        "rounds interleave the gate matmul and every hook variant (caches as a model leaves them; a change in load "
+        "hits all alike)"
+        if interleaved
+        else "each variant's calls back to back (its data and code in the caches)"
+    )
     head = f"{'model':16s} {'E':>4s} {'k':>2s} {'d':>5s} {'gate ms':>8s} {'coact':>6s} {'hook ms':>8s} {'% gate':>7s}"
     print(head + (f" {'base ms':>8s} {'% gate':>7s} {'speed-up':>8s}" if old else ""))
     for model_name, (_, experts, top_k, d_model) in SHAPES.items():
@@ -160,8 +170,9 @@ def bench_hook(repeats: int, tokens: int, baseline: str | None = None) -> None:
         variants = {"gate": functools.partial(torch.matmul, x_TD, gate.weight.T)}
         monitors = []
         for coactivation in ("auto", True):
-            monitor = RouterMonitor(nn.Sequential(gate), routers=[_spec("0", experts, top_k)],
-                                    coactivation=coactivation)
+            monitor = RouterMonitor(
+                nn.Sequential(gate), routers=[_spec("0", experts, top_k)], coactivation=coactivation
+            )
             hook = gate._forward_hooks[next(reversed(gate._forward_hooks))]
             monitors.append((monitor, monitor._coactivation[0]))
             variants[("new", coactivation)] = functools.partial(hook, gate, (x_TD,), output)
@@ -170,7 +181,7 @@ def bench_hook(repeats: int, tokens: int, baseline: str | None = None) -> None:
             if coactivation == "auto" and monitor._coactivation[0]:
                 break  # "auto" already counts co-activation: forcing it on times the same
         with torch.no_grad():
-            times = _interleaved_s(variants, repeats)
+            times = _timed_s(variants, repeats, interleaved)
         for monitor, _ in monitors:
             monitor.remove()
         gate_s = times["gate"]
@@ -194,16 +205,25 @@ def _with_counters(monitor: RouterMonitor, module, call):
     return run
 
 
-def _interleaved_s(variants: dict, repeats: int) -> dict:
-    """Median CPU seconds (this thread) per call of each variant, over rounds that call every variant once."""
+def _timed_s(variants: dict, repeats: int, interleaved: bool = True) -> dict:
+    """Median CPU seconds (this thread) per call of each variant.
+
+    Interleaved: rounds that call every variant once, so each hook runs right after the gate matmul or another
+    hook has been through the caches (as in a model, where other layers run between two calls of one hook).
+    Otherwise each variant's calls back to back: the hook finds its own data and code in the caches.
+    """
     for fn in variants.values():
         fn()  # warm-up
     times = {key: [] for key in variants}
-    for _ in range(repeats):
-        for key, fn in variants.items():
-            start = time.thread_time()
-            fn()
-            times[key].append(time.thread_time() - start)
+    schedule = (
+        [key for _ in range(repeats) for key in variants]
+        if interleaved
+        else [key for key in variants for _ in range(repeats)]
+    )
+    for key in schedule:
+        start = time.thread_time()
+        variants[key]()
+        times[key].append(time.thread_time() - start)
     return {key: statistics.median(values) for key, values in times.items()}
 
 
@@ -254,6 +274,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--only", choices=("history", "hook", "collect"))
     parser.add_argument(
+        "--hook-order",
+        choices=("interleaved", "back-to-back"),
+        default="interleaved",
+        help="hook section: time the variants in interleaved rounds, or each one's calls back to back",
+    )
+    parser.add_argument(
         "--baseline",
         help="hook section: also time the hook with the counters module in this file, side by side "
         "(e.g. git show main:moe_monitor/counters.py > /tmp/old_counters.py)",
@@ -263,7 +289,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     if args.only in (None, "hook"):
-        bench_hook(args.repeats, args.tokens, args.baseline)
+        bench_hook(args.repeats, args.tokens, args.baseline, args.hook_order == "interleaved")
     if args.only in (None, "collect"):
         bench_collect(max(args.repeats, 60))
     if args.only in (None, "history"):
