@@ -1,13 +1,16 @@
 """On-device window counters: what each router forward adds, packed so one collective reduces every layer.
 
 Shape legend: ``L`` monitored layers, ``E`` experts (the largest of any layer), ``T`` tokens in one forward,
-``A`` assignments in one forward, ``F`` packed fields per layer, ``C`` counterfactual capacity factors.
+``A`` assignments in one forward, ``F`` packed fields per layer, ``S`` sums of one forward, ``C`` rows of its
+per-token work matrix (``R`` with the work space rows), ``X`` tokens of one chunk of the router statistics (``N``
+in the current chunk), ``Q`` capacities evaluated at once, ``V`` values filed into a row.
 
 Per phase there is one ``float64 [L, F]`` buffer on the routers' device (float64 counts are exact to 2**53). One row
 per layer, laid out by :class:`Layout`: ``counts [E] | prob_sum [E] | coactivation [E*E] (optional) | lost [E] |
-scalars``;
-the per-token work matrix of one forward is laid out by :class:`WorkColumns`.
-:func:`forward_update` adds one forward to its layer's row; nothing here ever reads a value back to the host.
+scalars``; the sums of one forward and its per-token work matrix are laid out by :class:`WorkColumns`.
+:func:`forward_update` adds one forward to its layer's row; nothing here ever reads a value back to the host. The
+router statistics are exact (means over every token) and read the logits in token chunks that stay in cache, in a
+few passes each (see ``_router_statistics``).
 ``torch.bincount`` is avoided on purpose: on CUDA it reads the input's max to size its output (a host sync) even
 when ``minlength`` is given; ``index_add_`` into a fixed-size buffer does not.
 """
@@ -291,7 +294,7 @@ def _update(
 ) -> None:
     # Every sum over the tokens lands in one [S] vector (entries named by WorkColumns), which one index_add_ files
     # into the row: the per-expert counts straight from the assignment indices, the router statistics from a few
-    # passes over each token chunk of the logits (see _logit_statistics), the per-token ones from one product.
+    # passes over each token chunk of the logits (see _router_statistics), the per-token ones from one product.
     # NOTE every tensor made here names its dtype: Lightning's "-true" precisions (bf16-true, 16-true, 64-true) run
     # the forward, and so this hook, under a changed default dtype, and the statistics are defined in fp32.
     e = num_experts
@@ -382,9 +385,9 @@ def _update(
         capacity_fields += layout._counterfactual_fields
     if capacity_fields:
         counts_E1 = sums_S[col.dispatch, None]
-        capacity_X = torch.ceil(tokens * layout._capacity_rates(capacity_fields, top_k, e, device))
+        capacity_Q = torch.ceil(tokens * layout._capacity_rates(capacity_fields, top_k, e, device))
         extras += capacity_fields
-        values.append((counts_E1 - capacity_X).clamp_min(0).sum(dim=0))
+        values.append((counts_E1 - capacity_Q).clamp_min(0).sum(dim=0))
 
     values_V = values[0] if len(values) == 1 else torch.cat(values)
     source, destination = layout._scatter(col, coactivation, tuple(extras), device)
