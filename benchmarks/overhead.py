@@ -23,8 +23,9 @@ instrumentation on only around the measured steps): ``--steps`` steps without a 
 monitor's hooks, and one ``collect``, each counted once, in one process under valgrind. The ratios it prints are
 ``(hooks + collect / 50) / none`` and ``(hooks + collect) / none`` per step. Instructions do not count cache misses
 or memory stalls, which is what wall and CPU time add; the two measures together bound the overhead. Needs
-``valgrind`` and a C compiler (for the three-function callgrind control library it builds in a temporary folder);
-about 3 minutes for the import of torch under valgrind plus about 30 s per measured step.
+``valgrind`` and a C compiler (for the four-function callgrind control library it builds in a temporary folder);
+9 minutes at ``--batch 2 --steps 1`` and 46 at ``--batch 8 --steps 3`` on a loaded 2-core machine, mostly the import
+of torch and the warm-up steps under valgrind.
 
 Usage: ``python benchmarks/overhead.py [--rounds 30] [--steps 10] [--batch 16] [--threads 1] [--preset tiny]
 [--clock wall|cpu] [--ci-halfwidth H --max-rounds 400] [--instructions]`` (``--clock cpu``: the thread's CPU time,
