@@ -12,13 +12,17 @@ Sections (``--only history|hook|collect`` runs one):
 - ``collect``: ``RouterMonitor.collect`` at 94 x 128 (and 58 x 256), history append included, in memory and with
   files. Goal: under 10 ms.
 
-Usage: ``python benchmarks/scale.py [--windows 10000] [--threads 1] [--repeats 5] [--only SECTION]``
+Usage: ``python benchmarks/scale.py [--windows 10000] [--threads 1] [--repeats 5] [--only SECTION]
+[--baseline OLD_COUNTERS.py]`` (``--baseline``: the hook section also times the hook with another version of
+``moe_monitor/counters.py``, in the same rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import importlib.util
 import os
 import pickle
 import statistics
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from moe_monitor import RouterMonitor
+from moe_monitor import monitor as monitor_module
 from moe_monitor.adapters import RouterSpec
 from moe_monitor.history import History
 from moe_monitor.routing import Routing
@@ -68,26 +73,22 @@ def _spec(name: str, num_experts: int, top_k: int) -> RouterSpec:
     return RouterSpec(name=name, num_experts=num_experts, top_k=top_k, extract=_extract)
 
 
-def _median_s(fn, repeats: int) -> float:
-    """Median CPU seconds of this thread per call: on a shared machine, time spent waiting for a core is left out."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.thread_time()
-        fn()
-        times.append(time.thread_time() - start)
-    return statistics.median(times)
-
-
 # ------------------------------------------------------------------------------------------------ history
 def _window(step: int, names: list[str], experts: int, generator: torch.Generator) -> Snapshot:
     layers = len(names)
     counts = torch.randint(0, 4096, (layers, experts), generator=generator)
     stats = {name: torch.rand(layers, generator=generator, dtype=torch.float64) for name in STAT_NAMES}
     return Snapshot(
-        step=step, phase="train", layer_names=names, num_experts=[experts] * layers, top_k=[8] * layers,
-        counts=counts, tokens=counts.sum(1) // 8, dropped=torch.zeros(layers, dtype=torch.int64),
-        nonfinite_tokens=torch.zeros(layers, dtype=torch.int64), stats=stats,
+        step=step,
+        phase="train",
+        layer_names=names,
+        num_experts=[experts] * layers,
+        top_k=[8] * layers,
+        counts=counts,
+        tokens=counts.sum(1) // 8,
+        dropped=torch.zeros(layers, dtype=torch.int64),
+        nonfinite_tokens=torch.zeros(layers, dtype=torch.int64),
+        stats=stats,
         extras={"counterfactual_drop@1.0": torch.rand(layers, generator=generator, dtype=torch.float64)},
     )
 
@@ -118,9 +119,7 @@ def bench_history(
                         state = len(pickle.dumps(history.state_dict()))
                         held, peak = tracemalloc.get_traced_memory()
                         files = sum(
-                            os.path.getsize(os.path.join(root, f))
-                            for root, _, fs in os.walk(directory)
-                            for f in fs
+                            os.path.getsize(os.path.join(root, f)) for root, _, fs in os.walk(directory) for f in fs
                         )
                         print(
                             f"{mode:8s} {step:8d} {held / 2**20:8.2f} {peak / 2**20:8.2f} {state / 1024:9.1f} "
@@ -131,29 +130,101 @@ def bench_history(
 
 
 # ------------------------------------------------------------------------------------------------ hook
-def bench_hook(repeats: int, tokens: int) -> None:
+def _load_counters(path: str):
+    """A counters module from a file (e.g. ``git show main:moe_monitor/counters.py > /tmp/old_counters.py``)."""
+    spec = importlib.util.spec_from_file_location("baseline_counters", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _counters_of(monitor: RouterMonitor, module):
+    """The monitor's hooks run ``module``'s ``forward_update`` on ``module``'s ``Layout`` (same buffer layout)."""
+    layout = monitor.layout
+    monitor.layout = module.Layout(layout.num_experts, layout.coactivation, layout.capacity_factors)
+    saved, monitor_module.forward_update = monitor_module.forward_update, module.forward_update
+    try:
+        yield
+    finally:
+        monitor.layout, monitor_module.forward_update = layout, saved
+
+
+def bench_hook(repeats: int, tokens: int, baseline: str | None = None, interleaved: bool = True) -> None:
+    old = None if baseline is None else _load_counters(baseline)
     print(f"\n## hook per router forward, T = {tokens} tokens, fp32 on the CPU (CPU time of this thread, medians)")
-    print(f"{'model':16s} {'E':>4s} {'k':>2s} {'d':>5s} {'gate ms':>8s} {'coact':>6s} {'hook ms':>8s} {'% gate':>7s}")
+    print(
+        "rounds interleave the gate matmul and every hook variant (caches as a model leaves them; a change in load "
+        "hits all alike)"
+        if interleaved
+        else "each variant's calls back to back (its data and code in the caches)"
+    )
+    head = f"{'model':16s} {'E':>4s} {'k':>2s} {'d':>5s} {'gate ms':>8s} {'coact':>6s} {'hook ms':>8s} {'% gate':>7s}"
+    print(head + (f" {'base ms':>8s} {'% gate':>7s} {'speed-up':>8s}" if old else ""))
     for model_name, (_, experts, top_k, d_model) in SHAPES.items():
         torch.manual_seed(0)
         gate = Gate(d_model, experts, top_k)
         x_TD = torch.randn(tokens, d_model)
         with torch.no_grad():
             output = gate(x_TD)
-            matmul_s = _median_s(functools.partial(torch.matmul, x_TD, gate.weight.T), repeats)
+        variants = {"gate": functools.partial(torch.matmul, x_TD, gate.weight.T)}
+        monitors = []
         for coactivation in ("auto", True):
-            monitor = RouterMonitor(nn.Sequential(gate), routers=[_spec("0", experts, top_k)],
-                                    coactivation=coactivation)
-            hook = next(iter(gate._forward_hooks.values()))
-            on = monitor._coactivation[0]
-            hook_s = _median_s(functools.partial(hook, gate, (x_TD,), output), repeats)
-            monitor.remove()
-            print(
-                f"{model_name:16s} {experts:4d} {top_k:2d} {d_model:5d} {1000 * matmul_s:8.2f} {str(on):>6s} "
-                f"{1000 * hook_s:8.2f} {100 * hook_s / matmul_s:6.2f}%"
+            monitor = RouterMonitor(
+                nn.Sequential(gate), routers=[_spec("0", experts, top_k)], coactivation=coactivation
             )
-            if coactivation is True and not on:
-                break
+            hook = gate._forward_hooks[next(reversed(gate._forward_hooks))]
+            monitors.append((monitor, monitor._coactivation[0]))
+            variants[("new", coactivation)] = functools.partial(hook, gate, (x_TD,), output)
+            if old is not None:
+                variants[("old", coactivation)] = _with_counters(monitor, old, variants[("new", coactivation)])
+            if coactivation == "auto" and monitor._coactivation[0]:
+                break  # "auto" already counts co-activation: forcing it on times the same
+        with torch.no_grad():
+            times = _timed_s(variants, repeats, interleaved)
+        for monitor, _ in monitors:
+            monitor.remove()
+        gate_s = times["gate"]
+        for (_, on), coactivation in zip(monitors, ("auto", True)):
+            hook_s = times[("new", coactivation)]
+            row = (
+                f"{model_name:16s} {experts:4d} {top_k:2d} {d_model:5d} {1000 * gate_s:8.2f} {str(on):>6s} "
+                f"{1000 * hook_s:8.2f} {100 * hook_s / gate_s:6.2f}%"
+            )
+            if old is not None:
+                old_s = times[("old", coactivation)]
+                row += f" {1000 * old_s:8.2f} {100 * old_s / gate_s:6.2f}% {old_s / hook_s:7.2f}x"
+            print(row)
+
+
+def _with_counters(monitor: RouterMonitor, module, call):
+    def run() -> None:
+        with _counters_of(monitor, module):
+            call()
+
+    return run
+
+
+def _timed_s(variants: dict, repeats: int, interleaved: bool = True) -> dict:
+    """Median CPU seconds (this thread) per call of each variant.
+
+    Interleaved: rounds that call every variant once, so each hook runs right after the gate matmul or another
+    hook has been through the caches (as in a model, where other layers run between two calls of one hook).
+    Otherwise each variant's calls back to back: the hook finds its own data and code in the caches.
+    """
+    for fn in variants.values():
+        fn()  # warm-up
+    times = {key: [] for key in variants}
+    schedule = (
+        [key for _ in range(repeats) for key in variants]
+        if interleaved
+        else [key for key in variants for _ in range(repeats)]
+    )
+    for key in schedule:
+        start = time.thread_time()
+        variants[key]()
+        times[key].append(time.thread_time() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 # ------------------------------------------------------------------------------------------------ collect
@@ -202,12 +273,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--only", choices=("history", "hook", "collect"))
+    parser.add_argument(
+        "--hook-order",
+        choices=("interleaved", "back-to-back"),
+        default="interleaved",
+        help="hook section: time the variants in interleaved rounds, or each one's calls back to back",
+    )
+    parser.add_argument(
+        "--baseline",
+        help="hook section: also time the hook with the counters module in this file, side by side "
+        "(e.g. git show main:moe_monitor/counters.py > /tmp/old_counters.py)",
+    )
     parser.add_argument("--history-modes", default="memory,files", help="history section: memory, files or both")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     if args.only in (None, "hook"):
-        bench_hook(args.repeats, args.tokens)
+        bench_hook(args.repeats, args.tokens, args.baseline, args.hook_order == "interleaved")
     if args.only in (None, "collect"):
         bench_collect(max(args.repeats, 60))
     if args.only in (None, "history"):

@@ -1,13 +1,16 @@
 """On-device window counters: what each router forward adds, packed so one collective reduces every layer.
 
 Shape legend: ``L`` monitored layers, ``E`` experts (the largest of any layer), ``T`` tokens in one forward,
-``A`` assignments in one forward, ``F`` packed fields per layer, ``C`` counterfactual capacity factors.
+``A`` assignments in one forward, ``F`` packed fields per layer, ``S`` sums of one forward, ``C`` rows of its
+per-token work matrix (``R`` with the work space rows), ``X`` tokens of one chunk of the router statistics (``N``
+in the current chunk), ``Q`` capacities evaluated at once, ``V`` values filed into a row.
 
 Per phase there is one ``float64 [L, F]`` buffer on the routers' device (float64 counts are exact to 2**53). One row
 per layer, laid out by :class:`Layout`: ``counts [E] | prob_sum [E] | coactivation [E*E] (optional) | lost [E] |
-scalars``;
-the per-token work matrix of one forward is laid out by :class:`WorkColumns`.
-:func:`forward_update` adds one forward to its layer's row; nothing here ever reads a value back to the host.
+scalars``; the sums of one forward and its per-token work matrix are laid out by :class:`WorkColumns`.
+:func:`forward_update` adds one forward to its layer's row; nothing here ever reads a value back to the host. The
+router statistics are exact (means over every token) and read the logits in token chunks that stay in cache, in a
+few passes each (see ``_router_statistics``).
 ``torch.bincount`` is avoided on purpose: on CUDA it reads the input's max to size its output (a host sync) even
 when ``minlength`` is given; ``index_add_`` into a fixed-size buffer does not.
 """
@@ -15,7 +18,9 @@ when ``minlength`` is given; ``index_add_`` into a fixed-size buffer does not.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -52,43 +57,62 @@ class ExpertCountMismatch(ValueError):
 
 
 class WorkColumns:
-    """Named rows of the ``[C, T]`` per-token work matrix of one forward, and the window field each one sums into.
+    """Named entries of the ``[S]`` sums of one forward, and the window field each one is added to.
 
-    :func:`forward_update` writes every per-token quantity into a row of this matrix and sums all of them over the
-    tokens with one matrix product; :meth:`Layout._scatter` files each sum under the window field given here, so
-    the hook and the scatter share this one table instead of two sets of offsets.
+    :func:`forward_update` adds every sum over the tokens of a forward into one ``float32 [S]`` vector laid out
+    here, and :meth:`Layout._scatter` files each entry under the window field given here, so the hook and the
+    scatter share this one table instead of two sets of offsets.
 
-    Rows: ``dispatch`` ``[E]`` (how often the token chose each expert) | ``valid`` (1 for a finite token) |
-    ``unrouted`` (1 when no expert selected the token), then with router probabilities ``probs`` ``[E]`` |
-    ``top1`` | ``entropy`` (normalised), and with logits ``z`` (``logsumexp**2``).
+    Entries: ``dispatch`` ``[E]`` (assignments per expert), with router probabilities ``probs`` ``[E]`` (the
+    probability sums) and ``entropy_terms`` ``[E]`` (per expert, the ``-p log p`` part of the normalised entropy
+    not held per token; all ``E`` add to ``entropy_sum``), each one product per token chunk; then the sums of the
+    per-token rows of the forward's ``[C, T]`` work matrix (``per_token``; one product sums them all): with
+    ``dispatch_rows`` the ``E`` dispatch rows (how often the token chose each expert: the co-activation product
+    needs them, and the counts then come with the other sums), ``valid`` (1 for a finite token), ``unrouted`` (1
+    when no expert selected the token; only when counted), with probabilities ``top1`` | ``entropy`` (the
+    normalised entropy's per-token part), and with logits ``z`` (``logsumexp**2``). Without ``dispatch_rows`` the
+    counts are added from the assignment indices into the first block.
 
     Example:
         >>> columns = WorkColumns(num_experts=3, has_probs=True, has_logits=False)
-        >>> columns.width, columns.probs, columns.top1
-        (10, slice(5, 8, None), slice(8, 9, None))
-        >>> columns.sums[:3]
-        (('dispatch', 'counts'), ('valid', 'tokens'), ('unrouted', 'unrouted_tokens'))
+        >>> columns.width, columns.probs, columns.top1, columns.per_token
+        (13, slice(3, 6, None), slice(11, 12, None), slice(9, 13, None))
+        >>> columns.work("top1"), columns.sums[:3]
+        (2, (('dispatch', 'counts'), ('valid', 'tokens'), ('unrouted', 'unrouted_tokens')))
+        >>> WorkColumns(3, True, False, dispatch_rows=True).work("valid")
+        3
     """
 
-    def __init__(self, num_experts: int, has_probs: bool, has_logits: bool) -> None:
+    def __init__(
+        self, num_experts: int, has_probs: bool, has_logits: bool, unrouted: bool = True, dispatch_rows: bool = False
+    ) -> None:
         e = num_experts
-        self.dispatch = slice(0, e)
-        self.valid = slice(e, e + 1)
-        self.weights = slice(0, e + 1)  # dispatch | valid: the rows of the product (co-activation, then the sums)
-        self.unrouted = slice(e + 1, e + 2)
-        self.probs = slice(e + 2, 2 * e + 2) if has_probs else None
-        self.top1 = slice(2 * e + 2, 2 * e + 3) if has_probs else None
-        self.entropy = slice(2 * e + 3, 2 * e + 4) if has_probs else None
-        self.z = slice(2 * e + 4, 2 * e + 5) if has_probs and has_logits else None
-        self.width = e + 2 + (e + 2 + has_logits if has_probs else 0)
-        self.key = (e, has_probs, has_logits)
-        # (row, window field): the field each row's sum over the tokens is added to.
-        sums = [("dispatch", "counts"), ("valid", "tokens"), ("unrouted", "unrouted_tokens")]
+        first = 0 if dispatch_rows else e
+        self.probs = slice(first, first + e) if has_probs else None
+        self.entropy_terms = slice(first + e, first + 2 * e) if has_probs else None
+        first += 2 * e if has_probs else 0
+        self.dispatch = slice(first, first + e) if dispatch_rows else slice(0, e)
+        names = ("valid",) + (("unrouted",) if unrouted else ()) + (("top1", "entropy") if has_probs else ())
+        names += ("z",) if has_probs and has_logits else ()
+        rows0 = first + (e if dispatch_rows else 0)
+        self.per_token = slice(first, rows0 + len(names))
+        for name in ("valid", "unrouted", "top1", "entropy", "z"):
+            row = rows0 + names.index(name) if name in names else None
+            setattr(self, name, None if row is None else slice(row, row + 1))
+        self.width = self.per_token.stop
+        self.key = (e, has_probs, has_logits, unrouted, dispatch_rows)
+        # (entry, window field): the field each sum is added to.
+        sums = [("dispatch", "counts"), ("valid", "tokens")] + ([("unrouted", "unrouted_tokens")] if unrouted else [])
         if has_probs:
             sums += [("probs", "prob_sum"), ("valid", "prob_tokens"), ("top1", "top1_sum"), ("entropy", "entropy_sum")]
+            sums += [("entropy_terms", "entropy_sum")]  # E partial sums, all added to the one field
             if has_logits:
                 sums += [("valid", "logit_tokens"), ("z", "z_sum")]
         self.sums: tuple[tuple[str, str], ...] = tuple(sums)
+
+    def work(self, name: str) -> int:
+        """First row of a per-token entry (``dispatch``, ``valid``, ``unrouted``, ``top1``, ``entropy``, ``z``)."""
+        return getattr(self, name).start - self.per_token.start
 
 
 class Layout:
@@ -145,9 +169,12 @@ class Layout:
 
         return self._cached(("rates", fields, top_k, e, device), make)
 
-    def work_columns(self, e: int, has_probs: bool, has_logits: bool) -> WorkColumns:
+    def work_columns(
+        self, e: int, has_probs: bool, has_logits: bool, unrouted: bool = True, dispatch_rows: bool = False
+    ) -> WorkColumns:
         """The :class:`WorkColumns` of a forward of ``e`` experts (made once per kind of forward)."""
-        return self._cached(("columns", e, has_probs, has_logits), lambda: WorkColumns(e, has_probs, has_logits))
+        key = ("columns", e, has_probs, has_logits, unrouted, dispatch_rows)
+        return self._cached(key, lambda: WorkColumns(e, has_probs, has_logits, unrouted, dispatch_rows))
 
     def field(self, name: str) -> slice:
         """Columns of a window field: ``counts``, ``prob_sum``, ``coact``, ``lost`` or a scalar (one column)."""
@@ -159,33 +186,33 @@ class Layout:
     def _scatter(
         self,
         columns: WorkColumns,
-        rows: int,
         coactivation: bool,
         extras: tuple[str, ...],
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Which of forward_update's values (its [rows, C] product, flattened, then the extra scalars) goes to which
-        # window column. The product's last row holds the sums over the tokens, one per work row. The extras are
-        # scalars, except "lost": one value per expert of this forward.
+        # Which of forward_update's values (its [S] sums, then with co-activation the [E, E] counts, flattened, then
+        # the extra scalars) goes to which window column. The extras are scalars, except "lost": one value per
+        # expert of this forward.
         def make() -> tuple[torch.Tensor, torch.Tensor]:
-            width, last = columns.width, (rows - 1) * columns.width
             pairs = []
-            for row_name, field_name in columns.sums:
-                source, destination = getattr(columns, row_name), self.field(field_name)
-                pairs += [(last + source.start + j, destination.start + j) for j in range(source.stop - source.start)]
+            for entry, field_name in columns.sums:
+                source, destination = getattr(columns, entry), self.field(field_name)
+                size, into_one = source.stop - source.start, destination.stop - destination.start == 1
+                pairs += [(source.start + j, destination.start + (0 if into_one else j)) for j in range(size)]
+            offset, e = columns.width, columns.dispatch.stop - columns.dispatch.start
             if coactivation:
-                e, stride = columns.dispatch.stop, self.num_experts
-                pairs += [(i * width + j, self.coact.start + i * stride + j) for i in range(e) for j in range(e)]
-            offset = rows * width
+                stride = self.num_experts
+                pairs += [(offset + i * e + j, self.coact.start + i * stride + j) for i in range(e) for j in range(e)]
+                offset += e * e
             for name in extras:
                 destination = self.field(name)
-                size = columns.dispatch.stop if name == "lost" else 1
+                size = e if name == "lost" else 1
                 pairs += [(offset + j, destination.start + j) for j in range(size)]
                 offset += size
             source, destination = torch.tensor(pairs, dtype=torch.int64).T
             return source.to(device), destination.to(device)
 
-        return self._cached(("scatter", columns.key, rows, coactivation, extras, device), make)
+        return self._cached(("scatter", columns.key, coactivation, extras, device), make)
 
 
 def forward_update(
@@ -265,143 +292,217 @@ def _update(
     out_F: torch.Tensor,
     unrouted: bool,
 ) -> None:
-    # Every per-token quantity is a row of one matrix values_CT (rows named by WorkColumns) and every sum over
-    # tokens comes out of one matrix product, then one index_add_ scatters the sums into the row: a few dozen small
-    # ops per forward, as the CPU cost of a hook is per op, not per element.
+    # Every sum over the tokens lands in one [S] vector (entries named by WorkColumns), which one index_add_ files
+    # into the row: the per-expert counts straight from the assignment indices, the router statistics from a few
+    # passes over each token chunk of the logits (see _router_statistics), the per-token ones from one product.
     # NOTE every tensor made here names its dtype: Lightning's "-true" precisions (bf16-true, 16-true, 64-true) run
     # the forward, and so this hook, under a changed default dtype, and the statistics are defined in fp32.
     e = num_experts
     device = routing.expert_idx_A.device
     num_tokens = routing.num_tokens
-    weight_1T = None  # per-token weight of the sums beyond the 0 of a non-finite token's values: none, or a tensor
     coactivation = coactivation and layout.coactivation
-
-    mask_T = None if mask_T is None else mask_T.to(device, torch.float32)
     # Explicit widths: reshape(0, -1) cannot infer the width of a forward with no tokens.
     logits_TE = None if routing.logits_TE is None else _rows(routing.logits_TE, num_tokens)
     probs_TE = None if routing.probs_TE is None else _rows(routing.probs_TE, num_tokens)
-
     for values_TE in (logits_TE, probs_TE):
         if values_TE is not None and values_TE.shape[1] != e:
             raise ExpertCountMismatch(values_TE.shape[1], e)
     has_logits, has_probs = logits_TE is not None, logits_TE is not None or probs_TE is not None
-    col = layout.work_columns(e, has_probs, has_logits)
+    col = layout.work_columns(e, has_probs, has_logits, unrouted, dispatch_rows=coactivation)
 
-    # The [E, T] dispatch rows: how often each token chose each expert. An expert index outside [0, E) (some
-    # routers mark "no expert" with -1 or E) is not an assignment. Masking it instead of indexing with it matters on
-    # CUDA, where an out-of-range index is a device-side assert that ends the process, and checking for one would
-    # need a host sync.
+    sums_S = torch.zeros(col.width, dtype=torch.float32, device=device)
+    # The per-token rows: the work matrix's, then 3 of _router_statistics; rows, not columns, per quantity, as a
+    # compiled graph accepts only contiguous out= tensors. Then the two chunk buffers of _router_statistics.
+    rows = col.per_token.stop - col.per_token.start
+    chunk = max(1, min(num_tokens, CHUNK_ELEMENTS // e))
+    scratch = _scratch((rows + 3) * num_tokens + (2 * chunk * e if has_probs else 0), device)
+    tokens_RT = scratch[: (rows + 3) * num_tokens].view(rows + 3, num_tokens)
+    work_CT = tokens_RT[:rows]
+    # Per-token weight of every sum: the padding mask, times 1 for a finite token (0 for a non-finite one, whose
+    # values the statistics below leave finite, so that 0 times them is 0); None when every weight is 1.
+    mask_T = None if mask_T is None else mask_T.to(device, torch.float32)
+    weight_T = mask_T
+    if has_probs:
+        chunks_2XE = scratch[(rows + 3) * num_tokens :].view(2, chunk, e)
+        weight_T = _router_statistics(layout, logits_TE, probs_TE, weight_T, col, tokens_RT, chunks_2XE, sums_S)
+    else:
+        work_CT[col.work("valid")].fill_(1.0)
+
+    # An expert index outside [0, E) (some routers mark "no expert" with -1 or E) is not an assignment. Masking it
+    # instead of indexing with it matters on CUDA, where an out-of-range index is a device-side assert that ends the
+    # process, and checking for one would need a host sync.
     expert_idx_A = routing.expert_idx_A
     clamped_A = expert_idx_A.clamp(0, e - 1)
     in_range_A = (clamped_A == expert_idx_A).to(torch.float32)
-    # Each per-token quantity is written in place (out=) into a row of the [C, T] matrix, which costs less than
-    # concatenating them (and a compiled graph accepts only contiguous out= tensors).
-    values_CT = torch.zeros(col.width, num_tokens, dtype=torch.float32, device=device)
-    values_CT.view(-1).index_add_(0, routing.token_idx_A.add(clamped_A, alpha=num_tokens), in_range_A)
-    valid_1T = values_CT[col.valid]
+    weight_A = None
+    if coactivation:
+        # The [E, T] dispatch rows, which the product below sums with the weights into the counts.
+        dispatch_ET = work_CT[col.work("dispatch") : col.work("dispatch") + e].zero_()
+        dispatch_ET.view(-1).index_add_(0, routing.token_idx_A.add(clamped_A, alpha=num_tokens), in_range_A)
+    else:
+        weight_A = in_range_A if weight_T is None else weight_T.index_select(0, routing.token_idx_A) * in_range_A
+        sums_S[col.dispatch].index_add_(0, clamped_A, weight_A)
     if unrouted:
         # Expert choice leaves tokens no expert picked: routed nowhere, they would otherwise go uncounted.
-        torch.sum(values_CT[col.dispatch], dim=0, keepdim=True, out=values_CT[col.unrouted]).eq_(0.0)
-
-    if has_probs:
-        # A token with a NaN or +inf logit (or a non-finite probability) is counted apart and masked out of every
-        # statistic. A -inf logit is a legitimate mask (an expert the router may not choose, e.g. group-limited
-        # routing): probability 0. Only a token whose logits are all -inf has no distribution.
-        derived = probs_TE is None
-        if has_logits:
-            # Softmax, logsumexp, entropy and top-1 probability from one exp: torch.logsumexp alone costs more on
-            # the CPU than all of this. Masked (-inf) entries give exp 0, so z_loss is the logsumexp over the finite
-            # entries. The row max is the softmax shift; when it is NaN or infinite (a NaN or +inf logit, or all
-            # -inf) every shifted entry is NaN, so the sum of exps is NaN exactly for the non-finite tokens.
-            max_T1 = logits_TE.amax(dim=-1, keepdim=True)
-            shifted_TE = logits_TE - max_T1
-            exp_TE = shifted_TE.exp()
-            sumexp_T1 = exp_TE.sum(dim=-1, keepdim=True)
-            log_sumexp_T1 = sumexp_T1.log()
-            sumexp_1T = sumexp_T1.T
-            torch.square((max_T1 + log_sumexp_T1).T, out=values_CT[col.z])
-            if not derived:
-                finite_T1 = (sumexp_T1 == sumexp_T1) & probs_TE.isfinite().all(dim=-1, keepdim=True)
-        else:
-            finite_T1 = probs_TE.isfinite().all(dim=-1, keepdim=True)
-        if derived:
-            probs_ET = torch.div(exp_TE.T, sumexp_1T, out=values_CT[col.probs])
-            torch.reciprocal(sumexp_1T, out=values_CT[col.top1])  # the largest p is exp(0) / sum
-            # A masked expert has p = 0 and shifted = -inf; clamping makes its p * shifted 0 (0 ln 0 = 0), not NaN.
-            entropy_T1 = log_sumexp_T1 - (probs_ET.T * shifted_TE.clamp_min(-1e30)).sum(dim=-1, keepdim=True)
-            # 1 for a finite token; NaN, like every other value of a non-finite token, for the others.
-            torch.clamp(sumexp_1T, max=1.0, out=valid_1T)
-        else:
-            values_CT[col.probs] = probs_TE.T
-            torch.amax(probs_TE.T, dim=0, keepdim=True, out=values_CT[col.top1])
-            entropy_T1 = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1, keepdim=True)
-            valid_1T.fill_(1.0)
-        # One expert: the router has no choice, its distribution is a point mass (entropy 0 of a range of 0).
-        torch.mul(entropy_T1.T, 1.0 / math.log(e) if e > 1 else 0.0, out=values_CT[col.entropy])
-        # A non-finite token's NaN must stay out of the sums (a 0 weight would not do: NaN * 0 is NaN). Derived from
-        # the logits, every value of such a token is NaN and no other value is, so zeroing the NaNs (one fast
-        # elementwise pass; +-inf stay) masks those tokens' statistics, and the valid weight below their dispatch.
-        if derived:
-            values_CT.nan_to_num_(0.0, math.inf, -math.inf)
-            weight_1T = valid_1T
-        else:
-            values_CT = torch.where(finite_T1.T, values_CT, 0.0)
-            valid_1T = values_CT[col.valid]
+        work_CT[col.work("unrouted")].zero_().index_add_(0, routing.token_idx_A, in_range_A).eq_(0.0)
+    if weight_T is None:
+        torch.sum(work_CT, dim=1, out=sums_S[col.per_token])
     else:
-        valid_1T.fill_(1.0)
-    if mask_T is not None:
-        weight_1T = mask_T[None] if weight_1T is None else mask_T[None] * weight_1T
+        torch.mv(work_CT, weight_T, out=sums_S[col.per_token])
+    tokens = sums_S[col.valid.start]
 
-    # The last row of the product: sums over the counted tokens; rows 0..E-1: co-activation counts.
+    values = [sums_S]
+    extras = []
     if coactivation:
-        weights_RT = values_CT[col.weights] if weight_1T is None else weight_1T * values_CT[col.weights]
-    else:
-        weights_RT = valid_1T if weight_1T is None else weight_1T
-    sums_RC = weights_RT @ values_CT.T
-    sums_C = sums_RC[-1]
-    tokens = sums_C[col.valid.start]
-
-    extras, extra_values = [], []
+        # The [E, E] co-selection counts: the token-by-expert choices, weighted, times the unweighted ones.
+        values.append(((dispatch_ET if weight_T is None else dispatch_ET * weight_T) @ dispatch_ET.T).view(-1))
     if has_probs:
         extras.append("nonfinite_tokens")
         total = num_tokens if mask_T is None else mask_T.sum()
-        extra_values.append((total - tokens).reshape(1))
+        values.append((total - tokens).reshape(1))
     if routing.kept_A is not None or routing.skipped_A is not None:
         # Assignments that did not run: dropped for capacity (kept_A False) or skipped by a random policy
         # (skipped_A True), per expert into "lost" (kept = counts - lost), with the weights of the counts.
-        valid_T = valid_1T[0] if mask_T is None else mask_T * valid_1T[0]
-        weight_A = valid_T.index_select(0, routing.token_idx_A) * in_range_A
+        if weight_A is None:
+            weight_A = in_range_A if weight_T is None else weight_T.index_select(0, routing.token_idx_A) * in_range_A
         ran_A = weight_A
         if routing.kept_A is not None:
             kept_A = routing.kept_A.reshape(-1)
             extras.append("dropped")
-            extra_values.append((weight_A * ~kept_A).sum().reshape(1))
+            values.append((weight_A * ~kept_A).sum().reshape(1))
             ran_A = ran_A * kept_A
         if routing.skipped_A is not None:
             skipped_A = routing.skipped_A.reshape(-1)
             extras.append("skipped")
-            extra_values.append((weight_A * skipped_A).sum().reshape(1))
+            values.append((weight_A * skipped_A).sum().reshape(1))
             ran_A = ran_A * ~skipped_A
         extras.append("lost")
         lost_E = torch.zeros(e, dtype=torch.float32, device=device)
-        extra_values.append(lost_E.index_add_(0, clamped_A, weight_A - ran_A))
+        values.append(lost_E.index_add_(0, clamped_A, weight_A - ran_A))
     # Counts of the forward minus each capacity, for all capacities at once (a capacity of 0 gives the total).
     capacity_fields = ("drop_unknown",) if routing.kept_A is None and not dropless else ()
     if counterfactual:
         capacity_fields += layout._counterfactual_fields
     if capacity_fields:
-        counts_E1 = sums_C[col.dispatch, None]
-        capacity_X = torch.ceil(tokens * layout._capacity_rates(capacity_fields, top_k, e, device))
+        counts_E1 = sums_S[col.dispatch, None]
+        capacity_Q = torch.ceil(tokens * layout._capacity_rates(capacity_fields, top_k, e, device))
         extras += capacity_fields
-        extra_values.append((counts_E1 - capacity_X).clamp_min(0).sum(dim=0))
+        values.append((counts_E1 - capacity_Q).clamp_min(0).sum(dim=0))
 
-    values = sums_RC.view(-1)
-    if extra_values:
-        values = torch.cat([values, *extra_values])
-    source, destination = layout._scatter(col, sums_RC.shape[0], coactivation, tuple(extras), device)
-    out_F.index_add_(0, destination, values.index_select(0, source).to(out_F.dtype))
+    values_V = values[0] if len(values) == 1 else torch.cat(values)
+    source, destination = layout._scatter(col, coactivation, tuple(extras), device)
+    out_F.index_add_(0, destination, values_V.index_select(0, source).to(out_F.dtype))
+
+
+# Logits (or probabilities) per token chunk of the router statistics: the chunk's two fp32 work buffers (512 KiB
+# each) stay in a core's L2 cache through its passes, where the whole [T, E] matrix at production shapes (4 MiB at
+# 4096 x 256) would be read from memory in every pass.
+CHUNK_ELEMENTS = 1 << 17
+
+
+def _router_statistics(
+    layout: Layout,
+    logits_TE: torch.Tensor | None,
+    probs_TE: torch.Tensor | None,
+    weight_T: torch.Tensor | None,
+    col: WorkColumns,
+    tokens_RT: torch.Tensor,
+    chunks_2XE: torch.Tensor,
+    sums_S: torch.Tensor,
+) -> torch.Tensor:
+    # Fills the valid, top1, entropy and z rows of the work matrix (the first rows of tokens_RT; its last 3 rows are
+    # work space), adds the probability sums and the entropy terms to sums_S, and returns the per-token weight of
+    # the sums, 0 for a non-finite token. chunks_2XE: the two buffers of a token chunk.
+    #
+    # A token with a NaN or +inf logit (or a non-finite probability) is counted apart and masked out of every
+    # statistic. A -inf logit is a legitimate mask (an expert the router may not choose, e.g. group-limited
+    # routing): probability 0. Only a token whose logits are all -inf has no distribution. The row max tells them
+    # apart for free: it is NaN or infinite exactly for the non-finite tokens (amax propagates NaN).
+    #
+    # From the logits, per chunk: the row max m, s = x - m, e = exp(s), S = sum e; then p = e / S, the logsumexp
+    # lse = m + log S (z = lse**2), the top-1 probability exp(0) / S = 1 / S and the entropy
+    # H = -sum p log p = log S - sum(e * s) / S: log S per token, and the weighted sum over the tokens of the second
+    # part, like the probability sums, as one product per chunk ((w / S) @ (e * s), (w / S) @ e), with no p or
+    # p * log p temporary. s is cleaned in place before the exp: -inf (a masked expert) becomes -1e30, whose e is 0
+    # and e * s 0 (not the NaN of 0 * -inf); the NaNs of a non-finite token become -1e30 too, so its e row is all 0
+    # and its S, at least 1 for every finite token (the max's own e is exactly 1), is clamped to 1: every value of
+    # such a token is finite, it adds nothing to the products, and its weight 0 removes it from the rest.
+    num_tokens, e = (logits_TE if logits_TE is not None else probs_TE).shape
+    shifted_XE, exp_XE = chunks_2XE
+    chunk = shifted_XE.shape[0]
+    token_rows = tokens_RT.unbind(0)
+    max_T, sumexp_T, psum_T = token_rows[-3:]
+    valid_T, top1_T, entropy_T = (token_rows[col.work(name)] for name in ("valid", "top1", "entropy"))
+    device = tokens_RT.device
+    ones_E = layout._cached(("ones", e, device), lambda: torch.ones(e, dtype=torch.float32, device=device))
+    probs_E, terms_E = sums_S[col.probs], sums_S[col.entropy_terms]
+    # -1 / log E: the entropy terms enter the normalised entropy with a minus sign.
+    scale = -1.0 / math.log(e) if e > 1 else 0.0  # one expert: a point mass, entropy 0 of a range of 0
+    # One view per chunk of every per-token vector, each from one split call (a slice per chunk costs more); a
+    # forward of one chunk (every forward at a few experts) needs no views at all.
+    per_chunk = [
+        repeat(None) if values is None else (values,) if chunk == num_tokens else values.split(chunk)
+        for values in (logits_TE, probs_TE, max_T, sumexp_T, psum_T, top1_T, weight_T)
+    ]
+    for x_XE, q_XE, max_X, sumexp_X, psum_X, top1_X, w_X in zip(*per_chunk):
+        n = max_X.shape[0]
+        shifted_NE, exp_NE = (shifted_XE, exp_XE) if n == chunk else (shifted_XE[:n], exp_XE[:n])
+        if x_XE is not None:
+            x_XE = x_XE if x_XE.dtype == torch.float32 else x_XE.to(torch.float32)
+            torch.amax(x_XE, dim=-1, out=max_X)
+            s_NE = torch.sub(x_XE, max_X[:, None], out=shifted_NE).nan_to_num_(-1e30, 0.0, -1e30)
+            p_NE = torch.exp(s_NE, out=exp_NE)
+            torch.mv(p_NE, ones_E, out=sumexp_X).clamp_min_(1.0)  # row sums as a product: faster than sum
+            if q_XE is None:
+                weight_X = torch.reciprocal(sumexp_X, out=top1_X)
+                weight_X = weight_X if w_X is None else weight_X * w_X
+                terms_NE = s_NE.mul_(p_NE)
+        if q_XE is not None:
+            q_XE = q_XE if q_XE.dtype == torch.float32 else q_XE.to(torch.float32)
+            torch.mv(q_XE, ones_E, out=psum_X)  # finite exactly for the finite rows (probabilities do not overflow)
+            p_NE = torch.nan_to_num(q_XE, 0.0, 0.0, 0.0, out=shifted_NE)
+            torch.amax(p_NE, dim=-1, out=top1_X)
+            # p log p as p log(max(p, tiny)): exactly 0 for p = 0, where xlogy costs many times more on the CPU.
+            terms_NE = torch.clamp_min(p_NE, torch.finfo(torch.float32).tiny, out=exp_NE).log_().mul_(p_NE)
+            weight_X = torch.sub(psum_X, psum_X).eq_(0.0)  # 1 for a finite row sum, 0 otherwise (see below)
+            weight_X = weight_X if x_XE is None else weight_X.mul_(torch.sub(max_X, max_X).eq_(0.0))
+            weight_X = weight_X if w_X is None else weight_X.mul_(w_X)
+        probs_E.addmv_(p_NE.T, weight_X)
+        terms_E.addmv_(terms_NE.T, weight_X, alpha=scale)
+
+    # The per-token rows, over all the tokens at once. x - x is 0 exactly for a finite x and NaN for the others:
+    # two ops where isfinite costs four.
+    finite_T = max_T if logits_TE is not None else psum_T
+    torch.sub(finite_T, finite_T, out=valid_T).eq_(0.0)
+    if logits_TE is not None and probs_TE is not None:
+        valid_T.mul_(torch.sub(psum_T, psum_T).eq_(0.0))
+    log_sumexp_T = None if logits_TE is None else sumexp_T.log_()
+    if probs_TE is None:
+        torch.mul(log_sumexp_T, -scale, out=entropy_T)
+    else:
+        entropy_T.zero_()  # given probabilities: all of the entropy is in the terms
+    if logits_TE is not None:
+        torch.square(max_T.nan_to_num_(0.0, 0.0, 0.0).add_(log_sumexp_T), out=token_rows[col.work("z")])
+    return valid_T if weight_T is None else valid_T * weight_T
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    # The hook's fp32 work space, [numel]. On the CPU one buffer per thread, grown to the largest forward seen and
+    # reused by every layer: allocating the chunk buffers afresh costs an mmap and its page faults per forward
+    # there (they are over glibc's mmap threshold). CUDA's and MPS's caching allocators make a fresh tensor cheap
+    # (and keep it ordered with the stream), and a compiled graph must not capture a tensor from outside.
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):  # a buffer first made under inference mode could not be reused outside
+            buffer = _SCRATCH.buffer = torch.empty(numel, dtype=torch.float32)
+    return buffer[:numel]
 
 
 def _rows(values_TE: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    # fp32 whatever the router's dtype (bf16, fp16, fp64): the statistics are defined in fp32.
-    return values_TE.detach().reshape(num_tokens, values_TE.shape[-1]).float()
+    # In the router's dtype (bf16, fp16, fp64): each token chunk is read in fp32, where the statistics are defined.
+    return values_TE.detach().reshape(num_tokens, values_TE.shape[-1])

@@ -99,11 +99,11 @@ def test_each_work_row_moves_only_its_own_fields_and_statistics(row):
     idx_TK = logits_TE.topk(2, -1).indices
     idx_TK[0] = -1  # one token routed nowhere, so that every statistic has a non-zero numerator
     base_F = forward_update(Routing.from_topk(idx_TK, logits_TE), e, 2, layout)
-    # One sum of the product nudged: the first column of the row (an expert's column for a per-expert row).
-    sums_1C = torch.zeros(1, columns.width, dtype=torch.float32)
-    sums_1C[0, getattr(columns, row).start] = 3.0
-    source, destination = layout._scatter(columns, 1, False, (), torch.device("cpu"))
-    moved_F = base_F.clone().index_add_(0, destination, sums_1C.view(-1)[source].double())
+    # One of the forward's sums nudged: the first entry of the row (an expert's entry for a per-expert row).
+    sums_S = torch.zeros(columns.width, dtype=torch.float32)
+    sums_S[getattr(columns, row).start] = 3.0
+    source, destination = layout._scatter(columns, False, (), torch.device("cpu"))
+    moved_F = base_F.clone().index_add_(0, destination, sums_S[source].double())
 
     fields = {"counts", "prob_sum", *layout.scalar_names}
     moved = {name for name in fields if not torch.equal(moved_F[layout.field(name)], base_F[layout.field(name)])}
