@@ -76,8 +76,11 @@ def _reference(logits_TE, probs_TE, idx_TK, mask_T, bad, e, k, width):
     return fields
 
 
-def _check(update_F, layout, expected, width):
+def _check(update_F, layout, expected, width) -> torch.Tensor:
+    """Asserts every expected field; returns which columns of ``update_F`` the expectation covers."""
+    covered = torch.zeros(update_F.numel(), dtype=torch.bool)
     for name, value in expected.items():
+        covered[layout.field(name)] = True
         got, value = update_F[layout.field(name)], value if isinstance(value, list) else [value]
         if name == "coact":
             got = got.view(width, width)
@@ -86,6 +89,7 @@ def _check(update_F, layout, expected, width):
             assert got.tolist() == value, name
         else:
             assert got.tolist() == pytest.approx(value, rel=2e-5, abs=1e-5), name
+    return covered
 
 
 CASES = {
@@ -126,7 +130,8 @@ def test_every_field_matches_a_plain_float64_computation(case, masked, source, m
     routing = Routing.from_topk(idx_TK, logits_TE=logits_TE, probs_TE=probs_TE)
     update_F = forward_update(routing, e, k, layout, mask_T, coactivation=True, counterfactual=True)
 
-    _check(update_F, layout, _reference(logits_TE, probs_TE, idx_TK, mask_T, bad, e, k, width), width)
+    covered = _check(update_F, layout, _reference(logits_TE, probs_TE, idx_TK, mask_T, bad, e, k, width), width)
+    assert update_F[~covered].count_nonzero() == 0  # no sum filed under a column the reference does not predict
 
 
 def test_chunked_and_whole_forward_give_the_same_sums(monkeypatch):

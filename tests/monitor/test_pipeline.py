@@ -237,7 +237,9 @@ def _check(results: dict, stages: tuple, tmp_path=None) -> None:
 
 @pytest.mark.slow
 def test_two_stages_under_a_gpipe_schedule_give_every_layer_on_every_process():
-    _check(_run(TWO_STAGES, 2), TWO_STAGES)
+    results = _run(TWO_STAGES, 2)
+    assert sorted(results) == [0, 1]  # both stages reported back
+    _check(results, TWO_STAGES)
 
 
 @pytest.mark.slow
